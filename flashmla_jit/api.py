@@ -1,0 +1,230 @@
+"""The public API, FlashMLA's: get_mla_metadata and flash_mla_with_kvcache.
+
+Data flows one way: describe and validate the inputs -> pick the KernelSpec ->
+driver.launch (which loads through the cache, which compiles on a miss). Nothing
+here synchronizes the host unless FLASHMLA_JIT_VALIDATE=1 asks for the checks that
+need the seqlens and page ids on the host.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import settings
+from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, TILE_ROWS,
+                   combine_spec, decode_spec)
+from .tensors import Tensor, current_stream, describe, empty
+
+# Fixed cost of one split piece (Q load + epilogue), in 64-token blocks, for the scheduler.
+OVERHEAD_BLOCKS = 5
+
+
+# ---- validation helpers: each error names the argument, what it got and what it needs ----
+
+def _check_dtype(t: Tensor, name: str, allowed):
+    if t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype {' or '.join(allowed)}, got {t.dtype}")
+
+
+def _check_rank(t: Tensor, name: str, ndim: int, layout: str):
+    if t.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {t.shape}")
+
+
+def _check_last_dim_contiguous(t: Tensor, name: str):
+    if t.shape[-1] != 1 and t.strides[-1] != 1:
+        raise ValueError(f"{name} must have a contiguous last dimension (stride 1), got strides {t.strides}")
+
+
+def _check_contiguous(t: Tensor, name: str):
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got shape {t.shape} with strides {t.strides}")
+
+
+def _check_16_byte_rows(t: Tensor, name: str, dims):
+    """cp.async moves 16-byte chunks: base and row strides must be 16-byte multiples."""
+    if t.ptr % 16:
+        raise ValueError(f"{name} must start at a 16-byte aligned address, got 0x{t.ptr:x}")
+    for d in dims:
+        if t.shape[d] > 1 and t.strides[d] % 8:
+            raise ValueError(f"{name} stride of dim {d} must be a multiple of 8 elements (16 bytes), "
+                             f"got strides {t.strides}")
+
+
+def _check_device(tensors: dict) -> int:
+    """All arrays on one CUDA device, which must be a Hopper GPU; returns its index."""
+    devices = {name: t.device for name, t in tensors.items()}
+    for name, t in tensors.items():
+        if t.device is None:
+            raise ValueError(f"{name} must be on a CUDA device, got {t.device_desc}")
+    if len(set(devices.values())) > 1:
+        where = ", ".join(f"{n} on cuda:{d}" for n, d in devices.items())
+        raise ValueError(f"all arrays must be on one CUDA device, got {where}")
+    device = next(iter(devices.values()))
+    from . import driver
+    major, minor = driver.compute_capability(device)
+    if major != 9:
+        raise ValueError(f"flashmla_jit needs a Hopper GPU (sm_90); cuda:{device} is sm_{major}{minor}")
+    return device
+
+
+def _num_parts(device: int, rows: int, h_kv: int) -> int:
+    from . import driver
+    m_blocks = math.ceil(rows / TILE_ROWS)
+    return max(1, min(MAX_PARTS, driver.sm_count(device) // (h_kv * m_blocks)))
+
+
+# ---- public API -----------------------------------------------------------------------
+
+def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int):
+    """Split-KV schedule for one decode step, computed on the GPU.
+
+    cache_seqlens: (batch,) int32 on the GPU. num_heads_per_head_k: s_q * h_q // h_kv
+    (query rows per KV head). num_heads_k: h_kv. Returns (tile_scheduler_metadata
+    (num_parts, 8) int32, num_splits (batch + 1,) int32) in the caller's framework.
+    """
+    seqlens = describe(cache_seqlens, "cache_seqlens")
+    _check_dtype(seqlens, "cache_seqlens", ("int32",))
+    _check_rank(seqlens, "cache_seqlens", 1, "(batch,)")
+    _check_contiguous(seqlens, "cache_seqlens")
+    if seqlens.shape[0] < 1:
+        raise ValueError("cache_seqlens must hold at least one sequence, got batch 0")
+    for name, value in (("num_heads_per_head_k", num_heads_per_head_k), ("num_heads_k", num_heads_k)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    device = _check_device({"cache_seqlens": seqlens})
+
+    from . import driver
+    from .params import SCHED_RECORD_INTS, MetadataParams
+    batch = seqlens.shape[0]
+    num_parts = _num_parts(device, num_heads_per_head_k, num_heads_k)
+    sched = empty(seqlens, (num_parts, SCHED_RECORD_INTS), "int32")
+    num_splits = empty(seqlens, (batch + 1,), "int32")
+    params = MetadataParams(seqlens.ptr, _ptr(sched), _ptr(num_splits), batch, num_parts, BLOCK_N,
+                            OVERHEAD_BLOCKS)
+    driver.launch(METADATA_SPEC, device, (1, 1, 1), params, current_stream(seqlens))
+    return sched, num_splits
+
+
+def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
+                           tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
+                           causal: bool = False):
+    """MLA decode attention over a paged KV cache (FlashMLA's semantics).
+
+    q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
+    head_dim_v columns; block_table (b, max_blocks) int32; cache_seqlens (b,) int32;
+    metadata from get_mla_metadata. Returns out (b, s_q, h_q, head_dim_v) in q's dtype
+    and lse (b, h_q, s_q) float32 (natural log; +inf where a query sees no key).
+    """
+    qt = describe(q, "q")
+    kt = describe(k_cache, "k_cache")
+    bt = describe(block_table, "block_table")
+    sl = describe(cache_seqlens, "cache_seqlens")
+    sched = describe(tile_scheduler_metadata, "tile_scheduler_metadata")
+    ns = describe(num_splits, "num_splits")
+
+    _check_dtype(qt, "q", ("bf16", "fp16"))
+    _check_rank(qt, "q", 4, "(batch, s_q, h_q, head_dim)")
+    _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
+    if kt.dtype != qt.dtype:
+        raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
+    batch, s_q, h_q, head_dim = qt.shape
+    num_pages, page_size, h_kv, k_dim = kt.shape
+    if k_dim != head_dim:
+        raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got k_cache shape {kt.shape}")
+    if not isinstance(head_dim_v, int) or (head_dim, head_dim_v) not in SUPPORTED_HEAD_DIMS:
+        supported = ", ".join(f"(d={d}, head_dim_v={v})" for d, v in SUPPORTED_HEAD_DIMS)
+        raise ValueError(f"unsupported head dims (d={head_dim}, head_dim_v={head_dim_v!r}); supported: {supported}")
+    if min(batch, s_q, h_q) < 1 or min(num_pages, page_size, h_kv) < 1:
+        raise ValueError(f"q and k_cache must have no empty dimension, got q {qt.shape}, k_cache {kt.shape}")
+    if h_q % h_kv:
+        raise ValueError(f"h_q ({h_q}, q.shape[2]) must be a multiple of h_kv ({h_kv}, k_cache.shape[2])")
+    _check_last_dim_contiguous(qt, "q")
+    _check_last_dim_contiguous(kt, "k_cache")
+    _check_16_byte_rows(qt, "q", (0, 1, 2))
+    _check_16_byte_rows(kt, "k_cache", (0, 1, 2))
+
+    _check_dtype(bt, "block_table", ("int32",))
+    _check_rank(bt, "block_table", 2, "(batch, max_blocks_per_seq)")
+    if bt.shape[0] != batch:
+        raise ValueError(f"block_table must have {batch} rows (q's batch), got shape {bt.shape}")
+    _check_last_dim_contiguous(bt, "block_table")
+    _check_dtype(sl, "cache_seqlens", ("int32",))
+    if sl.shape != (batch,):
+        raise ValueError(f"cache_seqlens must have shape ({batch},) (q's batch), got {sl.shape}")
+    _check_contiguous(sl, "cache_seqlens")
+
+    from .params import SCHED_RECORD_INTS
+    _check_dtype(sched, "tile_scheduler_metadata", ("int32",))
+    if sched.ndim != 2 or sched.shape[1] != SCHED_RECORD_INTS or not 1 <= sched.shape[0] <= MAX_PARTS:
+        raise ValueError(f"tile_scheduler_metadata must come from get_mla_metadata: shape (num_parts, "
+                         f"{SCHED_RECORD_INTS}), got {sched.shape}")
+    _check_contiguous(sched, "tile_scheduler_metadata")
+    _check_dtype(ns, "num_splits", ("int32",))
+    if ns.shape != (batch + 1,):
+        raise ValueError(f"num_splits has shape {ns.shape}: metadata made for batch {ns.shape[0] - 1 if ns.ndim == 1 else '?'}, "
+                         f"but q has batch {batch} (expected ({batch + 1},)); call get_mla_metadata for this batch")
+    _check_contiguous(ns, "num_splits")
+    device = _check_device({"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
+                            "tile_scheduler_metadata": sched, "num_splits": ns})
+    if settings.get().validate:
+        _validate_on_host(bt, sl, page_size, num_pages)
+
+    from . import driver
+    from .params import CombineParams, DecodeParams
+    heads_per_kv = h_q // h_kv
+    rows = s_q * heads_per_kv
+    num_parts = sched.shape[0]
+    if softmax_scale is None:
+        softmax_scale = head_dim ** -0.5
+    out = empty(qt, (batch, s_q, h_q, head_dim_v), qt.dtype)
+    lse = empty(qt, (batch, h_q, s_q), "fp32")
+    max_pieces = batch + num_parts  # each cut between parts adds at most one piece
+    o_accum = empty(qt, (max_pieces, h_kv, rows, head_dim_v), "fp32")
+    lse_accum = empty(qt, (max_pieces, h_kv, rows), "fp32")
+    o_strides = (s_q * h_q * head_dim_v, h_q * head_dim_v, head_dim_v)
+    stream = current_stream(qt)
+
+    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q)
+    params = DecodeParams(
+        qt.ptr, kt.ptr, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), _ptr(o_accum), _ptr(lse_accum),
+        *qt.strides[:3], *kt.strides[:3], bt.strides[0], *o_strides,
+        batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
+        softmax_scale * math.log2(math.e))
+    driver.launch(decode, device, (math.ceil(rows / TILE_ROWS), h_kv, num_parts), params, stream)
+
+    combine = combine_spec(qt.dtype, head_dim, head_dim_v)
+    warps_per_cta = COMBINE_THREADS // 32
+    cparams = CombineParams(ns.ptr, _ptr(o_accum), _ptr(lse_accum), _ptr(out), _ptr(lse), *o_strides,
+                            batch, s_q, h_q, h_kv, heads_per_kv, rows)
+    driver.launch(combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream)
+    return out, lse
+
+
+def _ptr(array) -> int:
+    """Device address of an array this module allocated (torch or cupy)."""
+    return array.data_ptr() if hasattr(array, "data_ptr") else int(array.data.ptr)
+
+
+def _validate_on_host(bt: Tensor, sl: Tensor, page_size: int, num_pages: int):
+    """FLASHMLA_JIT_VALIDATE=1: checks that need the seqlens and page ids (syncs the host)."""
+    seqlens = _to_host(sl)
+    table = _to_host(bt)
+    max_blocks = bt.shape[1]
+    for i, n in enumerate(seqlens.tolist()):
+        if n < 0:
+            raise ValueError(f"cache_seqlens[{i}] = {n} is negative")
+        need = -(-n // page_size)
+        if need > max_blocks:
+            raise ValueError(f"block_table is too small: sequence {i} has {n} tokens = {need} pages of "
+                             f"{page_size}, but block_table has {max_blocks} columns")
+        used = table[i, :need]
+        if need and (used.min() < 0 or used.max() >= num_pages):
+            raise ValueError(f"block_table row {i} holds page ids outside [0, {num_pages}) for its "
+                             f"{n} tokens: {used.tolist()}")
+
+
+def _to_host(t: Tensor):
+    if t.framework == "torch":
+        return t.obj.cpu().numpy()
+    return t.obj.get()

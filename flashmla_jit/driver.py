@@ -1,0 +1,115 @@
+"""Load compiled kernels onto a device and launch them, through cuda.bindings.driver.
+
+One table maps (spec, device) to a launchable CUfunction: the hot path is a dict
+lookup, the first use per process goes through the disk cache (cache.load_or_compile).
+Kernels launch in the device's primary context (the one torch and cupy use), on the
+caller's stream handle; every driver call's status is checked.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+from cuda.bindings import driver as cu
+
+from . import cache
+
+
+class CudaError(RuntimeError):
+    pass
+
+
+def check(result):
+    """Unwrap a cuda.bindings return tuple, raising CudaError with the driver's words."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cu.CUresult.CUDA_SUCCESS:
+        _, name = cu.cuGetErrorName(err)
+        _, text = cu.cuGetErrorString(err)
+        name = name.decode() if isinstance(name, bytes) else name
+        text = text.decode() if isinstance(text, bytes) else text
+        raise CudaError(f"{name}: {text}")
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+@functools.cache
+def _init():
+    check(cu.cuInit(0))
+
+
+@functools.cache
+def primary_context(device: int):
+    _init()
+    return check(cu.cuDevicePrimaryCtxRetain(check(cu.cuDeviceGet(device))))
+
+
+@functools.cache
+def device_attribute(device: int, attr) -> int:
+    _init()
+    return check(cu.cuDeviceGetAttribute(attr, check(cu.cuDeviceGet(device))))
+
+
+def compute_capability(device: int) -> tuple[int, int]:
+    A = cu.CUdevice_attribute
+    return (device_attribute(device, A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            device_attribute(device, A.CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR))
+
+
+def sm_count(device: int) -> int:
+    return device_attribute(device, cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+
+
+class _OnDevice:
+    """Make the device's primary context current for a block, if it is not already."""
+
+    def __init__(self, device: int):
+        self.ctx = primary_context(device)
+        self.pushed = False
+
+    def __enter__(self):
+        current = check(cu.cuCtxGetCurrent())
+        if int(current) != int(self.ctx):
+            check(cu.cuCtxPushCurrent(self.ctx))
+            self.pushed = True
+
+    def __exit__(self, *exc):
+        if self.pushed:
+            check(cu.cuCtxPopCurrent())
+
+
+@functools.cache
+def _library(spec):
+    artifact = cache.load_or_compile(spec)
+    _init()
+    library = check(cu.cuLibraryLoadData(artifact.cubin, [], [], 0, [], [], 0))
+    return library, artifact.lowered_name
+
+
+_functions: dict = {}
+
+
+def function(spec, device: int):
+    """The CUfunction of `spec` in `device`'s primary context (loaded once)."""
+    key = (spec, device)
+    fn = _functions.get(key)
+    if fn is None:
+        library, name = _library(spec)
+        kernel = check(cu.cuLibraryGetKernel(library, name.encode()))
+        if spec.smem_bytes > 48 * 1024:
+            attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            check(cu.cuKernelSetAttribute(attr, spec.smem_bytes, kernel, check(cu.cuDeviceGet(device))))
+        with _OnDevice(device):
+            fn = check(cu.cuKernelGetFunction(kernel))
+        _functions[key] = fn
+    return fn
+
+
+def launch(spec, device: int, grid, params: ctypes.Structure, stream: int):
+    """Launch `spec` with one by-value struct argument on the stream handle `stream`."""
+    fn = function(spec, device)
+    args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    with _OnDevice(device):
+        check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes,
+                                cu.CUstream(stream), ctypes.addressof(args), 0))

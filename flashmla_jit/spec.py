@@ -1,0 +1,125 @@
+"""KernelSpec: the one value that decides what gets compiled, cached and launched.
+
+A spec is frozen and hashable. Code generation, the cache key and the launch
+configuration are all functions of it, and of nothing else. The generated source
+is a one-line instantiation of a template in kernels/flashmla/, reached through an
+NVRTC name expression (no text templating of kernel bodies).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+KINDS = ("decode", "combine", "metadata")
+DTYPES = {"bf16": "flashmla::bf16_t", "fp16": "flashmla::fp16_t"}
+
+# Head dims the templates are written for: (d, dv). d is the K/Q row (latent + rope),
+# dv the V row (a prefix of K). The kernels need d % 64 == 0 (128-byte swizzle atoms
+# of 64 elements) and dv % 128 == 0 (the combine kernel's 4-column lane chunks).
+SUPPORTED_HEAD_DIMS = ((576, 512),)
+
+TILE_ROWS = 64          # query rows per CTA tile in the decode kernel
+BLOCK_N = 64            # KV tokens per main-loop block
+DECODE_THREADS = 256
+COMBINE_THREADS = 256   # 8 warps, one output row each
+METADATA_THREADS = 1024
+MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    kind: str                 # "decode" | "combine" | "metadata"
+    dtype: str = "bf16"       # q / kv / out element type ("bf16" | "fp16")
+    head_dim: int = 576
+    head_dim_v: int = 512
+    causal: bool = False      # decode only; normalized to False when it cannot matter
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if (self.head_dim, self.head_dim_v) not in SUPPORTED_HEAD_DIMS:
+            raise ValueError(
+                f"head dims (d={self.head_dim}, dv={self.head_dim_v}) are not supported; "
+                f"supported: {', '.join(f'(d={d}, dv={v})' for d, v in SUPPORTED_HEAD_DIMS)}")
+
+    # ---- code generation -------------------------------------------------------------
+    @property
+    def header(self) -> str:
+        return f"flashmla/{self.kind}.cuh"
+
+    @property
+    def name_expression(self) -> str:
+        """The C++ expression NVRTC resolves to the kernel's lowered (mangled) name."""
+        t = DTYPES[self.dtype]
+        if self.kind == "decode":
+            causal = "true" if self.causal else "false"
+            return f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}>"
+        if self.kind == "combine":
+            return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}>"
+        return "&flashmla::metadata_kernel"
+
+    @property
+    def source(self) -> str:
+        """The whole translation unit handed to NVRTC."""
+        return f'#include "{self.header}"\n'
+
+    @property
+    def name(self) -> str:
+        """Readable entry name, e.g. decode.bf16.d576.dv512.causal."""
+        if self.kind == "metadata":
+            return "metadata"
+        parts = [self.kind, self.dtype, f"d{self.head_dim}", f"dv{self.head_dim_v}"]
+        if self.kind == "decode" and self.causal:
+            parts.append("causal")
+        return ".".join(parts)
+
+    # ---- launch configuration ----------------------------------------------------------
+    @property
+    def threads(self) -> int:
+        return {"decode": DECODE_THREADS, "combine": COMBINE_THREADS,
+                "metadata": METADATA_THREADS}[self.kind]
+
+    @property
+    def smem_bytes(self) -> int:
+        """Dynamic shared memory; mirrors DecodeSmem in kernels/flashmla/decode.cuh."""
+        if self.kind != "decode":
+            return 0
+        q = TILE_ROWS * self.head_dim * 2
+        kv = 2 * BLOCK_N * self.head_dim * 2
+        p = TILE_ROWS * BLOCK_N * 2
+        row_stats = 2 * 2 * TILE_ROWS * 4 + TILE_ROWS * 4
+        return q + kv + p + row_stats
+
+
+def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int) -> KernelSpec:
+    # With one query token the end-aligned causal mask equals the seqlen mask.
+    return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1)
+
+
+def combine_spec(dtype: str, head_dim: int, head_dim_v: int) -> KernelSpec:
+    return KernelSpec("combine", dtype, head_dim, head_dim_v)
+
+
+METADATA_SPEC = KernelSpec("metadata")
+
+
+def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_DIMS):
+    """Every spec a decode step with these choices can touch (for precompile)."""
+    out = [METADATA_SPEC]
+    for dtype, (d, dv) in itertools.product(dtypes, head_dims):
+        for c in causal:
+            out.append(KernelSpec("decode", dtype, d, dv, causal=c))
+        out.append(combine_spec(dtype, d, dv))
+    return list(dict.fromkeys(out))
+
+
+def default_specs():
+    """What common models use: bf16, DeepSeek's 576/512, causal and not."""
+    return specs_for(dtypes=("bf16",))
+
+
+def all_specs():
+    return specs_for(dtypes=tuple(DTYPES))

@@ -1,0 +1,103 @@
+// get_mla_metadata on the GPU: a balanced split-KV plan, no host sync (graph-capturable).
+//
+// Every request is laid on one "cost line": first `overhead_blocks` units (the fixed
+// cost of starting a piece: Q load, epilogue), then one unit per 64-token block. The
+// line is cut into num_parts equal payloads; part q owns the positions
+// [q * payload, (q + 1) * payload). A request whose blocks straddle cuts becomes several
+// pieces, merged later by the combine kernel. Everything follows from two prefix sums,
+// so one CTA computes it in a couple of block-wide scans (tests/sched_model.py is the
+// pure-Python twin of this file).
+#pragma once
+#include "params.cuh"
+
+namespace flashmla {
+
+constexpr int kMetadataThreads = 1024;
+constexpr int kMaxParts = 1024;
+
+// Block-wide exclusive scan of one int per thread; returns the prefix, writes the total.
+__device__ __forceinline__ int block_exclusive_scan(int x, int* warp_sums, int& total) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  int inc = x;
+  for (int d = 1; d < 32; d *= 2) {
+    const int y = __shfl_up_sync(0xffffffff, inc, d);
+    if (lane >= d) inc += y;
+  }
+  if (lane == 31) warp_sums[warp] = inc;
+  __syncthreads();
+  if (warp == 0) {
+    int w = lane < kMetadataThreads / 32 ? warp_sums[lane] : 0;
+    for (int d = 1; d < 32; d *= 2) {
+      const int y = __shfl_up_sync(0xffffffff, w, d);
+      if (lane >= d) w += y;
+    }
+    warp_sums[lane] = w;  // inclusive prefix of warp totals
+  }
+  __syncthreads();
+  total = warp_sums[kMetadataThreads / 32 - 1];
+  const int prefix = (warp > 0 ? warp_sums[warp - 1] : 0) + inc - x;
+  __syncthreads();  // warp_sums is reused by the next scan
+  return prefix;
+}
+
+__global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __grid_constant__ MetadataParams p) {
+  __shared__ int warp_sums[32];
+  __shared__ int part_begin[kMaxParts + 1][3];  // request, block, split index
+  const int tid = threadIdx.x;
+  const int batch = (int)p.batch, parts = (int)p.num_parts, ovh = (int)p.overhead_blocks;
+  const int block_n = (int)p.block_n;
+
+  // Pass 1: total cost, hence the payload per part.
+  int local = 0;
+  for (int i = tid; i < batch; i += kMetadataThreads) {
+    const int nb = i < batch ? (max(p.seqlens[i], 0) + block_n - 1) / block_n : 0;
+    local += nb > 0 ? nb + ovh : 0;
+  }
+  int total;
+  block_exclusive_scan(local, warp_sums, total);
+  const int payload = max(1, (total + parts - 1) / parts);
+
+  // Pass 2: positions on the cost line, pieces per request, and the cut points.
+  int cost_carry = 0, piece_carry = 0;
+  for (int base = 0; base < batch; base += kMetadataThreads) {
+    const int i = base + tid;
+    const int nb = i < batch ? (max(p.seqlens[i], 0) + block_n - 1) / block_n : 0;
+    const int cost = nb > 0 ? nb + ovh : 0;
+    int chunk_cost, chunk_pieces;
+    const int start = cost_carry + block_exclusive_scan(cost, warp_sums, chunk_cost);
+    const int first_part = (start + ovh) / payload;  // part holding block 0
+    const int pieces = nb > 0 ? (start + ovh + nb - 1) / payload - first_part + 1 : 0;
+    const int piece_start = piece_carry + block_exclusive_scan(pieces, warp_sums, chunk_pieces);
+    if (i < batch) p.num_splits[i] = piece_start;
+    if (cost > 0) {
+      for (int q = (start + payload - 1) / payload; q * payload < start + cost && q < parts; ++q) {
+        part_begin[q][0] = i;
+        part_begin[q][1] = min(max(q * payload - start - ovh, 0), nb);
+        part_begin[q][2] = piece_start + q - first_part;
+      }
+    }
+    cost_carry += chunk_cost;
+    piece_carry += chunk_pieces;
+  }
+  if (tid == 0) p.num_splits[batch] = piece_carry;
+  // Parts that start past the end of the line own nothing.
+  for (int q = tid; q <= parts; q += kMetadataThreads) {
+    if ((long long)q * payload >= total) {
+      part_begin[q][0] = batch;
+      part_begin[q][1] = 0;
+      part_begin[q][2] = piece_carry;
+    }
+  }
+  __syncthreads();
+  for (int q = tid; q < parts; q += kMetadataThreads) {
+    int* rec = p.sched + q * kSchedRecordInts;
+    rec[0] = part_begin[q][0];
+    rec[1] = part_begin[q][1];
+    rec[2] = part_begin[q + 1][0];
+    rec[3] = part_begin[q + 1][1];
+    rec[4] = part_begin[q][2];
+    rec[5] = rec[6] = rec[7] = 0;
+  }
+}
+
+}  // namespace flashmla

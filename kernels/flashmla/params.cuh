@@ -1,0 +1,59 @@
+// Kernel parameter structs, passed by value as one __grid_constant__ argument.
+// Every field is 8 bytes (a pointer, i64 or double) so the layout has no padding and
+// the ctypes mirror in flashmla_jit/params.py is a plain field list; a CPU test keeps
+// the two in step (names, order, count).
+#pragma once
+#include "ptx.cuh"
+
+namespace flashmla {
+
+// Scheduler record of one part (one CTA column of the decode grid), 8 ints:
+//   [0] begin request  [1] begin block (in that request)
+//   [2] end request    [3] end block (exclusive, in the end request)
+//   [4] split index of the part's piece of the begin request
+//   [5..7] unused
+constexpr int kSchedRecordInts = 8;
+
+struct DecodeParams {
+  const void* q;              // (batch, s_q, h_q, head_dim), last dim contiguous
+  const void* k;              // (num_pages, page_size, h_kv, head_dim), last dim contiguous
+  const int* block_table;     // (batch, max_blocks), last dim contiguous
+  const int* seqlens;         // (batch,), contiguous
+  const int* sched;           // (num_parts, kSchedRecordInts)
+  const int* num_splits;      // (batch + 1,) exclusive prefix of pieces per request
+  void* out;                  // (batch, s_q, h_q, head_dim_v)
+  float* lse;                 // (batch, h_q, s_q)
+  float* o_accum;             // (pieces, h_kv, rows, head_dim_v) fp32 partial outputs
+  float* lse_accum;           // (pieces, h_kv, rows) log2-domain partial lse
+  i64 q_batch_stride, q_seq_stride, q_head_stride;        // elements
+  i64 k_page_stride, k_row_stride, k_head_stride;         // elements
+  i64 bt_batch_stride;                                    // elements
+  i64 o_batch_stride, o_seq_stride, o_head_stride;        // elements
+  i64 batch, s_q, h_q, h_kv;
+  i64 heads_per_kv;           // h_q / h_kv
+  i64 rows;                   // s_q * heads_per_kv: query rows per KV head
+  i64 page_size, num_pages, max_blocks;
+  double scale_log2;          // softmax_scale * log2(e)
+};
+
+struct CombineParams {
+  const int* num_splits;      // (batch + 1,)
+  const float* o_accum;       // (pieces, h_kv, rows, head_dim_v)
+  const float* lse_accum;     // (pieces, h_kv, rows)
+  void* out;                  // (batch, s_q, h_q, head_dim_v)
+  float* lse;                 // (batch, h_q, s_q)
+  i64 o_batch_stride, o_seq_stride, o_head_stride;
+  i64 batch, s_q, h_q, h_kv, heads_per_kv, rows;
+};
+
+struct MetadataParams {
+  const int* seqlens;         // (batch,)
+  int* sched;                 // (num_parts, kSchedRecordInts)
+  int* num_splits;            // (batch + 1,)
+  i64 batch;
+  i64 num_parts;
+  i64 block_n;                // tokens per block in the decode kernel
+  i64 overhead_blocks;        // fixed cost of one piece, in blocks
+};
+
+}  // namespace flashmla

@@ -1,0 +1,82 @@
+"""Float32 reference for MLA decode over a paged cache, and FlashMLA-style input makers.
+
+Shared by the GPU tests and tools/bench.py. torch only; the cupy test has its own
+numpy twin so that its process never imports torch.
+"""
+
+import math
+
+import torch
+
+
+def make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=torch.bfloat16, page_size=64, d=576, device="cuda",
+                extra_pages=3, nan_tail=True, generator=None):
+    """Random q, a paged cache in random page order (NaN past every seqlen), block table."""
+    seqlens = torch.as_tensor(seqlens, dtype=torch.int32)
+    max_len = max(int(seqlens.max()), 1)
+    max_blocks = math.ceil(max_len / page_size)
+    num_pages = batch * max_blocks + extra_pages
+    q = torch.randn(batch, s_q, h_q, d, dtype=dtype, device=device, generator=generator)
+    k_cache = torch.randn(num_pages, page_size, h_kv, d, dtype=dtype, device=device, generator=generator)
+    perm = torch.randperm(num_pages, device="cpu")[: batch * max_blocks]
+    block_table = perm.view(batch, max_blocks).to(torch.int32).to(device)
+    if nan_tail:  # every position past a seqlen holds NaN: results must not change
+        for i, n in enumerate(seqlens.tolist()):
+            pages = block_table[i].long()
+            flat = k_cache[pages].view(max_blocks * page_size, h_kv, d)
+            flat[n:] = float("nan")
+            k_cache[pages] = flat.view(max_blocks, page_size, h_kv, d)
+    return q, k_cache, block_table, seqlens.to(device)
+
+
+def reference(q, k_cache, block_table, seqlens, head_dim_v, softmax_scale=None, causal=False):
+    """out (b, s_q, h_q, dv) float32 and lse (b, h_q, s_q) float32 (+inf where no key is seen)."""
+    batch, s_q, h_q, d = q.shape
+    page_size, h_kv = k_cache.shape[1], k_cache.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    out = torch.zeros(batch, s_q, h_q, head_dim_v, dtype=torch.float32, device=q.device)
+    lse = torch.full((batch, h_q, s_q), float("inf"), dtype=torch.float32, device=q.device)
+    for i, n in enumerate(seqlens.tolist()):
+        if n == 0:
+            continue
+        pages = block_table[i, : math.ceil(n / page_size)].long()
+        kv = k_cache[pages].reshape(-1, h_kv, d)[:n].float()                 # (n, h_kv, d)
+        kv = kv.repeat_interleave(h_q // h_kv, dim=1).transpose(0, 1)        # (h_q, n, d)
+        qi = q[i].float().transpose(0, 1)                                    # (h_q, s_q, d)
+        scores = torch.bmm(qi, kv.transpose(1, 2)) * scale                   # (h_q, s_q, n)
+        if causal:
+            pos = torch.arange(n, device=q.device)
+            limit = n - s_q + 1 + torch.arange(s_q, device=q.device)         # keys < limit visible
+            scores = scores.masked_fill(pos[None, None, :] >= limit[None, :, None], float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)                            # (h_q, s_q)
+        seen = torch.isfinite(row_lse)
+        probs = torch.exp(scores - torch.where(seen, row_lse, 0)[..., None])
+        probs = torch.where(seen[..., None], probs, 0)
+        o = torch.bmm(probs, kv[..., :head_dim_v])                           # (h_q, s_q, dv)
+        out[i] = o.transpose(0, 1)
+        lse[i] = torch.where(seen, row_lse, float("inf"))
+    return out, lse
+
+
+def cosine_diff(x, y):
+    """FlashMLA's measure: 1 - 2 sum(xy) / sum(x^2 + y^2); 0 for identical tensors."""
+    x, y = x.double(), y.double()
+    denom = (x * x + y * y).sum()
+    return 0.0 if denom == 0 else float(1 - 2 * (x * y).sum() / denom)
+
+
+def assert_close(out, lse, ref_out, ref_lse, what=""):
+    """Every element written, no NaN, cosine < 1e-5, norm-wise error within bf16 rounding."""
+    out = out.float()
+    assert torch.isfinite(out).all(), f"{what}: out has NaN/inf"
+    assert torch.equal(torch.isinf(lse), torch.isinf(ref_lse)), f"{what}: +inf lse pattern differs"
+    assert not torch.isnan(lse).any(), f"{what}: lse has NaN"
+    cos = cosine_diff(out, ref_out)
+    assert cos < 1e-5, f"{what}: cosine diff {cos:.3e}"
+    denom = ref_out.norm()
+    rel = float((out - ref_out).norm() / denom) if denom > 0 else float(out.norm())
+    assert rel < 8e-3, f"{what}: relative error {rel:.3e}"
+    finite = torch.isfinite(ref_lse)
+    if finite.any():
+        lse_err = float((lse[finite] - ref_lse[finite]).abs().max())
+        assert lse_err < 2e-3 * max(1.0, float(ref_lse[finite].abs().max())), f"{what}: lse error {lse_err:.3e}"

@@ -1,0 +1,176 @@
+"""GPU correctness against the float32 reference (DESIGN.md section 5). Needs a Hopper GPU.
+
+Run on the device through tools/gpu_check.sh; on a machine without one every test
+here skips with the reason.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA GPU on this machine (GPU tests run on the device: tools/gpu_check.sh)",
+                allow_module_level=True)
+if torch.cuda.get_device_capability(0)[0] != 9:
+    pytest.skip("GPU is not a Hopper (sm_90)", allow_module_level=True)
+
+from mla_reference import assert_close, make_inputs, reference  # noqa: E402
+
+import flashmla_jit  # noqa: E402
+from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+
+HERE = os.path.dirname(__file__)
+
+
+def poison_allocator(*shapes_dtypes):
+    """Fill the blocks the caching allocator will hand out next with NaN, so an output
+    element the kernels forget to write shows up as NaN instead of a lucky zero."""
+    for shape, dtype in shapes_dtypes:
+        torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
+
+
+def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda"):
+    q, k_cache, block_table, seqlens_t = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, device=device)
+    sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
+    with torch.cuda.device(device):
+        poison_allocator(((batch, s_q, h_q, 512), dtype), ((batch, h_q, s_q), torch.float32))
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=causal)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=causal)
+    assert out.shape == (batch, s_q, h_q, 512) and out.dtype == dtype and out.device == q.device
+    assert lse.shape == (batch, h_q, s_q) and lse.dtype == torch.float32
+    assert_close(out, lse, ref_out, ref_lse, f"b={batch} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={causal}")
+
+
+def _seqlens(batch, kind, gen):
+    if kind == "fixed":
+        return [4096] * batch
+    if kind == "short":
+        lens = [1, 20, 63, 64, 65, 140]
+        return [lens[i % len(lens)] for i in range(batch)]
+    if kind == "zeros":   # varlen with empty sequences
+        return [0 if i % 3 == 0 else int(x) for i, x in enumerate(torch.randint(1, 3000, (batch,), generator=gen))]
+    if kind == "long":
+        return [16384 if i % 2 == 0 else int(x) for i, x in enumerate(torch.randint(1, 16384, (batch,), generator=gen))]
+    return [int(x) for x in torch.randint(1, 5000, (batch,), generator=gen)]  # varlen
+
+
+GRID = [
+    # batch, s_q, h_q, h_kv, seqlens kind, causal
+    (1, 1, 16, 1, "long", False),
+    (1, 1, 128, 1, "long", False),
+    (2, 2, 16, 1, "short", True),
+    (2, 4, 3, 1, "short", True),
+    (6, 1, 1, 1, "zeros", False),
+    (6, 2, 9, 1, "varlen", True),
+    (6, 4, 63, 1, "varlen", True),
+    (64, 1, 64, 1, "zeros", False),
+    (64, 2, 126, 2, "varlen", True),
+    (64, 1, 128, 8, "varlen", False),
+    (128, 1, 16, 1, "fixed", False),
+    (128, 2, 128, 1, "varlen", True),
+    (128, 1, 64, 2, "zeros", True),
+    (6, 2, 16, 8, "short", True),
+    (2, 1, 128, 2, "long", False),
+    (2, 4, 128, 1, "long", True),
+]
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,h_kv,kind,causal", GRID)
+def test_grid_bf16(batch, s_q, h_q, h_kv, kind, causal):
+    gen = torch.Generator().manual_seed(batch * 1000 + s_q * 100 + h_q)
+    run_case(batch, s_q, h_q, h_kv, _seqlens(batch, kind, gen), causal)
+
+
+@pytest.mark.parametrize("batch,s_q,h_q,h_kv,kind,causal", [g for g in GRID if g[0] <= 64][::2])
+def test_grid_fp16(batch, s_q, h_q, h_kv, kind, causal):
+    gen = torch.Generator().manual_seed(7 + batch)
+    run_case(batch, s_q, h_q, h_kv, _seqlens(batch, kind, gen), causal, dtype=torch.float16)
+
+
+def test_seqlen_shorter_than_s_q_sees_nothing():
+    # causal rows with seqlen - s_q + i < 0 see no key: out 0, lse +inf
+    run_case(4, 4, 16, 1, [0, 1, 2, 3], causal=True)
+
+
+def test_all_empty():
+    run_case(3, 1, 16, 1, [0, 0, 0], causal=False)
+
+
+def test_non_default_stream():
+    q, k_cache, block_table, seqlens = make_inputs(8, 2, 16, 1, [300, 5000, 64, 0, 1, 2000, 129, 4096])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        sched, num_splits = get_mla_metadata(seqlens, 32, 1)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, num_splits, causal=True)
+    stream.synchronize()  # only this stream: the work must have been enqueued on it
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, "side stream")
+
+
+def test_cuda_graph_replay_after_seqlens_change():
+    batch, s_q, h_q = 16, 2, 64
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [8192] * batch, nan_tail=False)
+    static_lens = torch.randint(1, 8192, (batch,), dtype=torch.int32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compile + load) outside the capture
+        sched, ns = get_mla_metadata(static_lens, s_q * h_q, 1)
+        flash_mla_with_kvcache(q, k_cache, block_table, static_lens, 512, sched, ns, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sched, ns = get_mla_metadata(static_lens, s_q * h_q, 1)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, static_lens, 512, sched, ns, causal=True)
+    for trial in range(3):
+        new_lens = torch.randint(0, 8192, (batch,), dtype=torch.int32, device="cuda")
+        new_lens[trial] = 0
+        static_lens.copy_(new_lens)
+        q.copy_(torch.randn_like(q))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference(q, k_cache, block_table, static_lens, 512, causal=True)
+        assert_close(out, lse, ref_out, ref_lse, f"graph replay {trial}")
+
+
+def test_metadata_matches_python_model():
+    from sched_model import plan
+    from flashmla_jit.api import OVERHEAD_BLOCKS
+    gen = torch.Generator().manual_seed(3)
+    for batch, rows, h_kv in [(1, 16, 1), (7, 128, 1), (128, 16, 1), (300, 256, 2), (2000, 64, 1)]:
+        lens = torch.randint(0, 20000, (batch,), generator=gen, dtype=torch.int32)
+        lens[::5] = 0
+        sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv)
+        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS)
+        assert ns.cpu().tolist() == exp_ns
+        assert sched.cpu().tolist() == exp_sched
+
+
+def test_second_gpu():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("only one GPU on this machine")
+    run_case(4, 2, 16, 1, [100, 4000, 0, 9000], causal=True, device="cuda:1")
+
+
+def test_cupy_without_torch():
+    pytest.importorskip("cupy")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE]))
+    res = subprocess.run([sys.executable, os.path.join(HERE, "cupy_check.py")], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "cupy ok" in res.stdout
+
+
+def test_import_is_lazy_on_gpu_machine():
+    code = "import sys, flashmla_jit; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch','cupy','cuda')))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=os.path.dirname(HERE)))
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_version():
+    assert isinstance(flashmla_jit.__version__, str)

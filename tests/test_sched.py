@@ -1,0 +1,54 @@
+"""The split-KV plan (tests/sched_model.py, twin of kernels/flashmla/metadata.cuh)."""
+
+import random
+
+import pytest
+
+from sched_model import pieces_of, plan
+
+CASES = [
+    ([4096] * 128, 132), ([16384] * 128, 132), ([65536], 132), ([0, 0, 0], 132), ([1], 132),
+    ([0, 100, 0, 5000, 64, 65], 66), ([8192] * 128, 33), ([20] * 3000, 132), ([131072, 5, 0, 77], 1),
+]
+
+
+def random_case(seed):
+    rng = random.Random(seed)
+    batch = rng.choice([1, 2, 7, 64, 300, 2000])
+    lens = [rng.choice([0, rng.randint(1, 70), rng.randint(1, 40000)]) for _ in range(batch)]
+    return lens, rng.choice([1, 16, 33, 66, 132])
+
+
+@pytest.mark.parametrize("lens,parts", CASES + [random_case(s) for s in range(40)])
+def test_plan_covers_every_block_once(lens, parts):
+    sched, num_splits = plan(lens, parts, 64, 5)
+    assert len(sched) == parts and len(num_splits) == len(lens) + 1
+    seen = {}
+    pieces_per_req = {}
+    for part, req, lo, hi, split in pieces_of(sched, num_splits, lens, 64):
+        for blk in range(lo, hi):
+            assert (req, blk) not in seen, f"block {blk} of request {req} done twice"
+            seen[req, blk] = part
+        pieces_per_req.setdefault(req, []).append(split)
+    expected = {(r, b) for r, n in enumerate(lens) for b in range(-(-n // 64))}
+    assert set(seen) == expected
+    for req, n in enumerate(lens):
+        splits = pieces_per_req.get(req, [])
+        count = num_splits[req + 1] - num_splits[req]
+        assert len(splits) == count
+        # split indices of a request are its own contiguous range, in order
+        assert splits == list(range(num_splits[req], num_splits[req] + count))
+    assert num_splits[-1] <= len(lens) + parts  # scratch is sized for this
+
+
+@pytest.mark.parametrize("lens,parts", CASES + [random_case(s) for s in range(40, 60)])
+def test_plan_balances_parts(lens, parts):
+    overhead = 5
+    sched, num_splits = plan(lens, parts, 64, overhead)
+    load = [0] * parts
+    for part, req, lo, hi, split in pieces_of(sched, num_splits, lens, 64):
+        load[part] += hi - lo + overhead
+    total = sum(-(-n // 64) + overhead for n in lens if n > 0)
+    payload = max(1, -(-total // parts))
+    # a part does at most its payload of blocks plus one extra overhead per piece boundary
+    assert max(load) <= payload + 2 * overhead

@@ -1,0 +1,106 @@
+"""Bad input raises a clear TypeError/ValueError naming the argument (CPU tensors suffice)."""
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from flashmla_jit import api, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from flashmla_jit.tensors import describe  # noqa: E402
+
+
+def good(batch=2, s_q=1, h_q=16, h_kv=1, pages=8, page=64, d=576):
+    return dict(
+        q=torch.randn(batch, s_q, h_q, d, dtype=torch.bfloat16),
+        k_cache=torch.randn(pages, page, h_kv, d, dtype=torch.bfloat16),
+        block_table=torch.zeros(batch, 4, dtype=torch.int32),
+        cache_seqlens=torch.full((batch,), 100, dtype=torch.int32),
+        head_dim_v=512,
+        tile_scheduler_metadata=torch.zeros(132, 8, dtype=torch.int32),
+        num_splits=torch.zeros(batch + 1, dtype=torch.int32),
+    )
+
+
+def call(**overrides):
+    args = good()
+    args.update(overrides)
+    return flash_mla_with_kvcache(**args)
+
+
+CASES = [
+    (dict(q=torch.randn(2, 1, 16, 576)), TypeError, "q must have dtype bf16 or fp16, got fp32"),
+    (dict(q=torch.randn(2, 16, 576, dtype=torch.bfloat16)), ValueError, "q must be 4-D"),
+    (dict(q=[1, 2, 3]), TypeError, "q must be a torch tensor"),
+    (dict(k_cache=torch.randn(8, 64, 1, 576, dtype=torch.float16)), TypeError, "k_cache must have q's dtype"),
+    (dict(k_cache=torch.randn(8, 64, 576, dtype=torch.bfloat16)), ValueError, "k_cache must be 4-D"),
+    (dict(k_cache=torch.randn(8, 64, 1, 512, dtype=torch.bfloat16)), ValueError, "k_cache head_dim must equal q's"),
+    (dict(head_dim_v=256), ValueError, "unsupported head dims (d=576, head_dim_v=256)"),
+    (dict(k_cache=torch.randn(8, 64, 3, 576, dtype=torch.bfloat16)), ValueError, "h_q (16, q.shape[2]) must be a multiple of h_kv (3"),
+    (dict(q=torch.randn(2, 1, 576, 16, dtype=torch.bfloat16).transpose(2, 3)), ValueError, "q must have a contiguous last dimension"),
+    (dict(q=torch.randn(2, 1, 16, 580, dtype=torch.bfloat16)[..., :576]), ValueError, "q stride of dim 2 must be a multiple of 8"),
+    (dict(block_table=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "block_table must have dtype int32"),
+    (dict(block_table=torch.zeros(3, 4, dtype=torch.int32)), ValueError, "block_table must have 2 rows"),
+    (dict(block_table=torch.zeros(8, dtype=torch.int32)), ValueError, "block_table must be 2-D"),
+    (dict(cache_seqlens=torch.zeros(3, dtype=torch.int32)), ValueError, "cache_seqlens must have shape (2,)"),
+    (dict(cache_seqlens=torch.zeros(2, dtype=torch.float32)), TypeError, "cache_seqlens must have dtype int32"),
+    (dict(num_splits=torch.zeros(5, dtype=torch.int32)), ValueError, "metadata made for batch 4, but q has batch 2"),
+    (dict(tile_scheduler_metadata=torch.zeros(132, 4, dtype=torch.int32)), ValueError, "tile_scheduler_metadata must come from get_mla_metadata"),
+    ({}, ValueError, "q must be on a CUDA device, got cpu"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,message", CASES, ids=[c[2][:40] for c in CASES])
+def test_bad_input(overrides, exc, message):
+    with pytest.raises(exc) as info:
+        call(**overrides)
+    assert message in str(info.value)
+
+
+def test_metadata_bad_input():
+    with pytest.raises(TypeError, match="cache_seqlens must have dtype int32"):
+        get_mla_metadata(torch.zeros(4, dtype=torch.int64), 16, 1)
+    with pytest.raises(ValueError, match="num_heads_per_head_k must be a positive int"):
+        get_mla_metadata(torch.zeros(4, dtype=torch.int32), 0, 1)
+    with pytest.raises(ValueError, match="num_heads_k must be a positive int"):
+        get_mla_metadata(torch.zeros(4, dtype=torch.int32), 16, 1.5)
+    with pytest.raises(ValueError, match="cache_seqlens must be on a CUDA device"):
+        get_mla_metadata(torch.zeros(4, dtype=torch.int32), 16, 1)
+
+
+def _on_device(t, device):
+    return dataclasses.replace(describe(t, "x"), device=device, device_desc=f"cuda:{device}")
+
+
+def test_mixed_devices(monkeypatch):
+    a, b = _on_device(torch.zeros(2), 0), _on_device(torch.zeros(2), 1)
+    with pytest.raises(ValueError, match="one CUDA device, got q on cuda:0, k_cache on cuda:1"):
+        api._check_device({"q": a, "k_cache": b})
+
+
+def test_not_hopper(monkeypatch):
+    from flashmla_jit import driver
+    monkeypatch.setattr(driver, "compute_capability", lambda device: (8, 0))
+    with pytest.raises(ValueError, match="needs a Hopper GPU.*sm_80"):
+        api._check_device({"q": _on_device(torch.zeros(2), 0)})
+
+
+def test_validate_mode_block_table_too_small():
+    table = describe(torch.zeros(2, 2, dtype=torch.int32), "block_table")
+    lens = describe(torch.tensor([100, 129], dtype=torch.int32), "cache_seqlens")
+    with pytest.raises(ValueError, match="block_table is too small: sequence 1 has 129 tokens = 3 pages"):
+        api._validate_on_host(table, lens, 64, 10)
+
+
+def test_validate_mode_page_out_of_range():
+    table = describe(torch.tensor([[0, 1], [2, 10]], dtype=torch.int32), "block_table")
+    lens = describe(torch.tensor([100, 70], dtype=torch.int32), "cache_seqlens")
+    with pytest.raises(ValueError, match=r"block_table row 1 holds page ids outside \[0, 10\)"):
+        api._validate_on_host(table, lens, 64, 10)
+
+
+def test_validate_mode_negative_seqlen():
+    table = describe(torch.zeros(1, 2, dtype=torch.int32), "block_table")
+    lens = describe(torch.tensor([-1], dtype=torch.int32), "cache_seqlens")
+    with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = -1 is negative"):
+        api._validate_on_host(table, lens, 64, 10)

@@ -1,0 +1,162 @@
+"""Benchmark flashmla_jit on the GPU against ceilings measured in the same run.
+
+  python tools/bench.py [--quick] [--json PATH]
+
+Ceilings: device-to-device copy (bytes read + written), a large read (sum over 4 GiB),
+bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
+computed once per step and reused by all layers, so it is timed apart) with triton's
+do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison.
+FLOPs and bytes as in DESIGN.md section 6. Also: cold compile, warm-cache first call
+in a new process, host overhead per call with the GPU busy.
+"""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+from triton.testing import do_bench
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from mla_reference import make_inputs  # noqa: E402
+
+from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+
+
+def bench_ms(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def ceilings():
+    n = 1 << 30  # 1 Gi floats = 4 GiB
+    x = torch.randn(n, device="cuda")
+    y = torch.empty_like(x)
+    copy = 2 * x.numel() * 4 / (bench_ms(lambda: y.copy_(x)) * 1e-3) / 1e9
+    read = x.numel() * 4 / (bench_ms(lambda: x.sum()) * 1e-3) / 1e9
+    del x, y
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm = 2 * 8192 ** 3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
+    return {"copy_gbs": copy, "read_gbs": read, "matmul_tflops": mm}
+
+
+def eager_mla(q, k_cache, block_table, s_k, causal):
+    """Torch eager MLA decode for fixed-length batches (h_kv = 1): gather, bmm, softmax, bmm."""
+    b, s_q, h_q, d = q.shape
+    kv = k_cache[block_table.long()].view(b, -1, d)[:, :s_k]
+    scores = torch.bmm(q.view(b, s_q * h_q, d), kv.transpose(1, 2)).float() * d ** -0.5
+    if causal and s_q > 1:
+        row_s = torch.arange(s_q, device=q.device).repeat_interleave(h_q)
+        limit = s_k - s_q + 1 + row_s
+        scores.masked_fill_(torch.arange(s_k, device=q.device)[None, None] >= limit[None, :, None], float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.softmax(scores, -1).to(q.dtype)
+    return torch.bmm(probs, kv[..., :512]).view(b, s_q, h_q, 512), lse
+
+
+def run_config(batch, s_k, h_q, s_q, varlen, with_eager):
+    gen = torch.Generator().manual_seed(s_k + h_q)
+    if varlen:  # normal(mean, mean/2), clipped, as FlashMLA's benchmark
+        lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
+    else:
+        lens = [s_k] * batch
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)
+    sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
+    call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+    t_ms = bench_ms(call)
+    meta_ms = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))
+    total = sum(lens)
+    flops = s_q * total * h_q * (576 + 512) * 2
+    nbytes = (total * 576 + batch * s_q * h_q * (576 + 512)) * 2
+    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "us": t_ms * 1e3,
+           "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
+    if with_eager and not varlen:
+        try:
+            row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
+        except torch.OutOfMemoryError:
+            row["eager_us"] = float("nan")
+        torch.cuda.empty_cache()
+    del q, k_cache
+    torch.cuda.empty_cache()
+    return row
+
+
+def jit_timings():
+    """Cold compile of one variant, warm-cache first call in a new process, host overhead."""
+    probe = (
+        "import time, torch, sys; sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r});"
+        "from mla_reference import make_inputs; import flashmla_jit as F;"
+        "q,k,bt,sl = make_inputs(4, 1, 16, 1, [100]*4); torch.cuda.synchronize();"
+        "t=time.perf_counter(); s,n=F.get_mla_metadata(sl, 16, 1); o,l=F.flash_mla_with_kvcache(q,k,bt,sl,512,s,n);"
+        "torch.cuda.synchronize(); print(time.perf_counter()-t)"
+    ).format(root=ROOT, tests=os.path.join(ROOT, "tests"))
+    with tempfile.TemporaryDirectory() as cache_dir:
+        env = dict(os.environ, FLASHMLA_JIT_CACHE_DIR=cache_dir)
+        cold = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()[-1])
+        warm = float(subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()[-1])
+    # Host time per call with the GPU kept busy, so launches queue and the host is the bound.
+    q, k, bt, sl = make_inputs(4, 1, 16, 1, [64] * 4)
+    s, n = get_mla_metadata(sl, 16, 1)
+    flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
+    calls = 200
+    torch.cuda._sleep(int(2e9))  # ~1 s of GPU time ahead of the calls
+    t = time.perf_counter()
+    for _ in range(calls):
+        flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
+    host_us = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return {"cold_first_call_s": cold, "warm_first_call_s": warm, "host_us_per_call": host_us}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="s_k 4096 and 16384 only")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
+    ceil = ceilings()
+    print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, read {ceil['read_gbs']:.0f} GB/s, "
+          f"bf16 matmul {ceil['matmul_tflops']:.0f} TFLOPS", flush=True)
+    rows = []
+    s_ks = (4096, 16384) if args.quick else (4096, 8192, 16384)
+    for s_q in (1, 2):
+        for h_q in (16, 32, 64, 128):
+            for s_k in s_ks:
+                rows.append(run_config(128, s_k, h_q, s_q, False, True))
+                print(rows[-1], flush=True)
+    for s_q, h_q in ((1, 64), (2, 128)):
+        rows.append(run_config(128, 8192, h_q, s_q, True, False))
+        print(rows[-1], flush=True)
+    jit = jit_timings()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows, "jit": jit}, f, indent=1)
+
+    print(f"\n== flashmla_jit on {torch.cuda.get_device_name()}: b=128, h_kv=1, causal, bf16 ==")
+    print(f"ceilings (same run): copy {ceil['copy_gbs']:.0f} GB/s | read {ceil['read_gbs']:.0f} GB/s | "
+          f"matmul {ceil['matmul_tflops']:.0f} TFLOPS")
+    print(f"{'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>6} {'us':>8} {'GB/s':>6} {'%read':>6} {'TFLOPS':>7} "
+          f"{'%mm':>5} {'eager us':>9} {'speedup':>7}")
+    for r in rows:
+        eager = r.get("eager_us", float("nan"))
+        print(f"{r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>6} {r['us']:>8.1f} "
+              f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
+              f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x")
+    print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
+    print(f"JIT: cold first call {jit['cold_first_call_s']:.2f} s | warm-cache first call (new process) "
+          f"{1e3 * jit['warm_first_call_s']:.1f} ms | host overhead {jit['host_us_per_call']:.1f} us/call")
+
+
+if __name__ == "__main__":
+    main()
