@@ -1,0 +1,3 @@
+from flashmla_jit.cli import main
+
+raise SystemExit(main())
