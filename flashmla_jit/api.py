@@ -56,7 +56,7 @@ def _check_device(tensors: dict) -> int:
     devices = {name: t.device for name, t in tensors.items()}
     for name, t in tensors.items():
         if t.device is None:
-            raise ValueError(f"{name} must be on a CUDA device, got {t.device_desc}")
+            raise ValueError(f"{name} must be on a CUDA device, got {t.obj.device}")
     if len(set(devices.values())) > 1:
         where = ", ".join(f"{n} on cuda:{d}" for n, d in devices.items())
         raise ValueError(f"all arrays must be on one CUDA device, got {where}")
@@ -170,8 +170,24 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if settings.get().validate:
         _validate_on_host(bt, sl, page_size, num_pages)
 
+    out, lse, scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v,
+                                                  softmax_scale, causal)
     from . import driver
+    for launch in launches:
+        driver.launch(*launch)
+    return out, lse
+
+
+def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal):
+    """Outputs, scratch and the (spec, device, grid, params, stream) of each launch.
+
+    Kept apart from the launches so tools/bench.py can time the raw launches alone. The
+    caller holds `scratch` until the launches are enqueued (the allocators are stream
+    ordered, so releasing it afterwards is safe).
+    """
     from .params import CombineParams, DecodeParams
+    batch, s_q, h_q, head_dim = qt.shape
+    num_pages, page_size, h_kv, _ = kt.shape
     heads_per_kv = h_q // h_kv
     rows = s_q * heads_per_kv
     num_parts = sched.shape[0]
@@ -179,26 +195,30 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         softmax_scale = head_dim ** -0.5
     out = empty(qt, (batch, s_q, h_q, head_dim_v), qt.dtype)
     lse = empty(qt, (batch, h_q, s_q), "fp32")
-    max_pieces = batch + num_parts  # each cut between parts adds at most one piece
-    o_accum = empty(qt, (max_pieces, h_kv, rows, head_dim_v), "fp32")
-    lse_accum = empty(qt, (max_pieces, h_kv, rows), "fp32")
+    # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
+    # Each cut between parts adds at most one piece to the batch's count.
+    partial_rows = (batch + num_parts) * h_kv * rows
+    scratch = empty(qt, (partial_rows * (head_dim_v + 1),), "fp32")
+    o_accum = _ptr(scratch)
+    lse_accum = o_accum + partial_rows * head_dim_v * 4
     o_strides = (s_q * h_q * head_dim_v, h_q * head_dim_v, head_dim_v)
     stream = current_stream(qt)
 
     decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q)
     params = DecodeParams(
-        qt.ptr, kt.ptr, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), _ptr(o_accum), _ptr(lse_accum),
+        qt.ptr, kt.ptr, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), o_accum, lse_accum,
         *qt.strides[:3], *kt.strides[:3], bt.strides[0], *o_strides,
         batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
         softmax_scale * math.log2(math.e))
-    driver.launch(decode, device, (math.ceil(rows / TILE_ROWS), h_kv, num_parts), params, stream)
-
     combine = combine_spec(qt.dtype, head_dim, head_dim_v)
-    warps_per_cta = COMBINE_THREADS // 32
-    cparams = CombineParams(ns.ptr, _ptr(o_accum), _ptr(lse_accum), _ptr(out), _ptr(lse), *o_strides,
+    cparams = CombineParams(ns.ptr, o_accum, lse_accum, _ptr(out), _ptr(lse), *o_strides,
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
-    driver.launch(combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream)
-    return out, lse
+    warps_per_cta = COMBINE_THREADS // 32
+    launches = [
+        (decode, device, (math.ceil(rows / TILE_ROWS), h_kv, num_parts), params, stream),
+        (combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream),
+    ]
+    return out, lse, scratch, launches
 
 
 def _ptr(array) -> int:

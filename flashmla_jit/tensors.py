@@ -8,21 +8,24 @@ cupy has no bfloat16 of its own: bf16 data is held as uint16 (or ml_dtypes.bfloa
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import sys
 
 
-@dataclasses.dataclass(frozen=True)
 class Tensor:
-    obj: object
-    framework: str            # "torch" | "cupy"
-    ptr: int
-    shape: tuple
-    strides: tuple            # in elements
-    dtype: str                # "bf16", "fp16", "fp32", "int32", or the framework's own name
-    device: int | None        # CUDA device index, None for host memory
-    device_desc: str          # for error messages, e.g. "cuda:0" or "cpu"
+    """What the API needs to know of an array argument (a plain slotted class: this
+    is built for every argument of every call, so it must be cheap)."""
+
+    __slots__ = ("obj", "framework", "ptr", "shape", "strides", "dtype", "device")
+
+    def __init__(self, obj, framework, ptr, shape, strides, dtype, device):
+        self.obj = obj                  # the framework's array
+        self.framework = framework      # "torch" | "cupy"
+        self.ptr = ptr                  # device address
+        self.shape = shape
+        self.strides = strides          # in elements
+        self.dtype = dtype              # "bf16", "fp16", "fp32", "int32", or the framework's own name
+        self.device = device            # CUDA device index, None for host memory
 
     @property
     def ndim(self):
@@ -42,13 +45,18 @@ def _framework(x) -> str | None:
     return module if module in ("torch", "cupy") else None
 
 
+_TORCH_DTYPES = None
+
+
 def _describe_torch(x) -> Tensor:
-    import torch
-    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "int32"}
-    on_cuda = x.device.type == "cuda"
-    return Tensor(x, "torch", x.data_ptr(), tuple(x.shape), tuple(x.stride()),
-                  names.get(x.dtype, str(x.dtype).replace("torch.", "")),
-                  x.device.index if on_cuda else None, str(x.device))
+    global _TORCH_DTYPES
+    if _TORCH_DTYPES is None:
+        import torch
+        _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "int32"}
+    dev = x.device
+    dtype = _TORCH_DTYPES.get(x.dtype) or str(x.dtype).replace("torch.", "")
+    return Tensor(x, "torch", x.data_ptr(), tuple(x.shape), x.stride(), dtype,
+                  dev.index if dev.type == "cuda" else None)
 
 
 def _describe_cupy(x) -> Tensor:
@@ -57,7 +65,7 @@ def _describe_cupy(x) -> Tensor:
              "uint16": "bf16", "bfloat16": "bf16"}.get(kind, kind)
     item = x.dtype.itemsize
     return Tensor(x, "cupy", int(x.data.ptr), tuple(x.shape), tuple(s // item for s in x.strides),
-                  dtype, x.device.id, f"cuda:{x.device.id}")
+                  dtype, x.device.id)
 
 
 def describe(x, name: str) -> Tensor:
