@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, TILE_ROWS,
-                   combine_spec, decode_spec)
+from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
+                   decode_spec, tile_rows_for)
 from .tensors import Tensor, current_stream, describe, empty
 
 # Fixed cost of one split piece (Q load + epilogue), in 64-token blocks, for the scheduler.
@@ -70,7 +70,7 @@ def _check_device(tensors: dict) -> int:
 
 def _num_parts(device: int, rows: int, h_kv: int) -> int:
     from . import driver
-    m_blocks = math.ceil(rows / TILE_ROWS)
+    m_blocks = math.ceil(rows / tile_rows_for(rows))
     return max(1, min(MAX_PARTS, driver.sm_count(device) // (h_kv * m_blocks)))
 
 
@@ -204,7 +204,7 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     o_strides = (s_q * h_q * head_dim_v, h_q * head_dim_v, head_dim_v)
     stream = current_stream(qt)
 
-    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q)
+    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
     params = DecodeParams(
         qt.ptr, kt.ptr, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), o_accum, lse_accum,
         *qt.strides[:3], *kt.strides[:3], bt.strides[0], *o_strides,
@@ -215,7 +215,7 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
     warps_per_cta = COMBINE_THREADS // 32
     launches = [
-        (decode, device, (math.ceil(rows / TILE_ROWS), h_kv, num_parts), params, stream),
+        (decode, device, (math.ceil(rows / decode.tile_rows), h_kv, num_parts), params, stream),
         (combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream),
     ]
     return out, lse, scratch, launches

@@ -10,6 +10,7 @@ Needs no GPU: compiling is NVRTC only. Variants are compiled in a process pool
 from __future__ import annotations
 
 import argparse
+import itertools
 import concurrent.futures
 import multiprocessing
 import os
@@ -42,14 +43,16 @@ def select_specs(args) -> list:
         return specs.default_specs()
     dtypes = args.dtype or ["bf16"]
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal or "both"]
-    # Query heads and s_q are runtime parameters of the current kernels, so --heads
-    # selects nothing yet. s_q matters only through causal (s_q == 1 makes causal a
-    # no-op); without --s-q assume multi-token decode so causal variants are kept.
+    # Query heads per KV head and s_q pick the tile height (rows = s_q * heads / h_kv,
+    # with DeepSeek's h_kv = 1); s_q == 1 makes causal a no-op. Without --s-q assume
+    # multi-token decode so causal variants are kept; without --heads, all tile heights.
     s_qs = args.s_q or [2]
     out = [specs.METADATA_SPEC]
     for dtype in dtypes:
         for d, dv in specs.SUPPORTED_HEAD_DIMS:
-            out += [specs.decode_spec(dtype, d, dv, c, s_q) for c in causals for s_q in s_qs]
+            for c, s_q in itertools.product(causals, s_qs):
+                rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
+                out += [specs.decode_spec(dtype, d, dv, c, s_q, r) for r in rows]
             out.append(specs.combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 
@@ -145,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="q/kv dtype (repeatable; default bf16)")
     pre.add_argument("--causal", choices=("yes", "no", "both"), help="default both")
     pre.add_argument("--heads", action="append", type=_positive, metavar="H",
-                     help="query heads (repeatable; a runtime parameter today)")
+                     help="query heads per KV head (repeatable): picks the query-tile height")
     pre.add_argument("--s-q", action="append", type=_positive, metavar="S",
                      help="query tokens per sequence (repeatable; s_q=1 needs no causal)")
     pre.add_argument("--all", action="store_true", help="every supported variant")

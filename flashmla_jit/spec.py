@@ -19,7 +19,7 @@ DTYPES = {"bf16": "flashmla::bf16_t", "fp16": "flashmla::fp16_t"}
 # of 64 elements) and dv % 128 == 0 (the combine kernel's 4-column lane chunks).
 SUPPORTED_HEAD_DIMS = ((576, 512),)
 
-TILE_ROWS = 64          # query rows per CTA tile in the decode kernel
+TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
 BLOCK_N = 64            # KV tokens per main-loop block
 DECODE_THREADS = 256
 COMBINE_THREADS = 256   # 8 warps, one output row each
@@ -34,6 +34,7 @@ class KernelSpec:
     head_dim: int = 576
     head_dim_v: int = 512
     causal: bool = False      # decode only; normalized to False when it cannot matter
+    tile_rows: int = 64       # decode only: query rows per CTA tile (16, 32 or 64)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -44,6 +45,8 @@ class KernelSpec:
             raise ValueError(
                 f"head dims (d={self.head_dim}, dv={self.head_dim_v}) are not supported; "
                 f"supported: {', '.join(f'(d={d}, dv={v})' for d, v in SUPPORTED_HEAD_DIMS)}")
+        if self.tile_rows not in TILE_ROWS:
+            raise ValueError(f"tile_rows must be one of {TILE_ROWS}, got {self.tile_rows}")
 
     # ---- code generation -------------------------------------------------------------
     @property
@@ -56,7 +59,8 @@ class KernelSpec:
         t = DTYPES[self.dtype]
         if self.kind == "decode":
             causal = "true" if self.causal else "false"
-            return f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}>"
+            return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
+                    f"{causal}>")
         if self.kind == "combine":
             return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}>"
         return "&flashmla::metadata_kernel"
@@ -68,12 +72,14 @@ class KernelSpec:
 
     @property
     def name(self) -> str:
-        """Readable entry name, e.g. decode.bf16.d576.dv512.causal."""
+        """Readable entry name, e.g. decode.bf16.d576.dv512.m64.causal."""
         if self.kind == "metadata":
             return "metadata"
         parts = [self.kind, self.dtype, f"d{self.head_dim}", f"dv{self.head_dim_v}"]
-        if self.kind == "decode" and self.causal:
-            parts.append("causal")
+        if self.kind == "decode":
+            parts.append(f"m{self.tile_rows}")
+            if self.causal:
+                parts.append("causal")
         return ".".join(parts)
 
     # ---- launch configuration ----------------------------------------------------------
@@ -87,16 +93,24 @@ class KernelSpec:
         """Dynamic shared memory; mirrors DecodeSmem in kernels/flashmla/decode.cuh."""
         if self.kind != "decode":
             return 0
-        q = TILE_ROWS * self.head_dim * 2
+        col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
         kv = 2 * BLOCK_N * self.head_dim * 2
-        p = TILE_ROWS * BLOCK_N * 2
-        row_stats = 2 * 2 * TILE_ROWS * 4 + TILE_ROWS * 4
-        return q + kv + p + row_stats
+        q = self.tile_rows * self.head_dim * 2
+        p = self.tile_rows * BLOCK_N * 2
+        row_stats = (2 * col_groups + 1) * self.tile_rows * 4   # row_max, row_sum, row_limit
+        return kv + q + p + row_stats
 
 
-def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int) -> KernelSpec:
+def tile_rows_for(rows: int) -> int:
+    """Query-tile height for `rows` query rows per KV head: the shortest that holds
+    them, so few heads do not pay for padding rows (64 beyond that: 64-row tiles)."""
+    return next((m for m in TILE_ROWS if rows <= m), TILE_ROWS[-1])
+
+
+def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int) -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
-    return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1)
+    return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
+                      tile_rows=tile_rows_for(rows))
 
 
 def combine_spec(dtype: str, head_dim: int, head_dim_v: int) -> KernelSpec:
@@ -110,8 +124,8 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
     """Every spec a decode step with these choices can touch (for precompile)."""
     out = [METADATA_SPEC]
     for dtype, (d, dv) in itertools.product(dtypes, head_dims):
-        for c in causal:
-            out.append(KernelSpec("decode", dtype, d, dv, causal=c))
+        for c, m in itertools.product(causal, TILE_ROWS):
+            out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m))
         out.append(combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 

@@ -21,13 +21,17 @@ def selected(*argv):
 def test_selection_maps_flags_to_specs():
     assert selected() == specs.default_specs()
     assert selected("--all") == specs.all_specs()
-    decode = specs.KernelSpec("decode", "fp16", 576, 512, causal=True)
+    decodes = [specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=m) for m in (16, 32, 64)]
     assert selected("--dtype", "fp16", "--causal", "yes") == [
-        specs.METADATA_SPEC, decode, specs.combine_spec("fp16", 576, 512)]
-    # s_q = 1 cannot need causal; --heads is a runtime parameter and selects nothing.
+        specs.METADATA_SPEC, *decodes, specs.combine_spec("fp16", 576, 512)]
+    # s_q = 1 cannot need causal; heads x s_q pick the tile height.
     one_token = selected("--s-q", "1", "--heads", "128")
+    assert [s.tile_rows for s in one_token if s.kind == "decode"] == [64]
     assert not any(s.causal for s in one_token)
-    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * 3
+    assert [s.tile_rows for s in selected("--s-q", "2", "--heads", "16", "--causal", "yes")
+            if s.kind == "decode"] == [32]
+    # metadata + per dtype: (non-causal + causal) x 3 tile heights + combine
+    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * (2 * 3 + 1)
     with pytest.raises(SystemExit):
         selected("--heads", "0")
 

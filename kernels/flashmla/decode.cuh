@@ -1,13 +1,16 @@
-// Split-KV MLA decode: one CTA = one 64-row query tile of one KV head x one scheduler
-// part (a contiguous run of (request, 64-token block) work from get_mla_metadata).
+// Split-KV MLA decode: one CTA = one query tile (kTileRows rows) of one KV head x one
+// scheduler part (a contiguous run of (request, 64-token block) work from
+// get_mla_metadata).
 //
 // Query rows of KV head g are packed as r = s_idx * heads_per_kv + head_in_group, so
 // all query heads (and tokens) sharing a KV head ride in one tile (FlashMLA's layout).
+// The tile height follows the rows per KV head (16, 32 or 64): few rows means a short
+// tile, so the memory-bound case does not pay for padding rows in MMAs and smem reads.
 //
-// Warps: 8 = 4 row groups (16 rows each) x 2 halves. For S = Q K^T the halves split
-// the 64 tokens of a block (32 each); for O += P V they split the 512 output columns
-// (256 each). The two warps of a row group agree on the running max through shared
-// memory and share P (bf16) through shared memory, so each S element is computed once.
+// Warps: 8 = kRowGroups (16 rows each) x kColGroups. For S = Q K^T the column groups
+// split the 64 tokens of a block; for O += P V they split the output columns. The warps
+// of a row group agree on the running max through shared memory and share P (16-bit)
+// through shared memory, so each S element is computed once.
 //
 // Tensor cores: mma.sync m16n8k16 with fp32 accumulators, operands via ldmatrix from
 // 128-byte-swizzled shared tiles; K and V come from the same shared K block (V is the
@@ -19,22 +22,23 @@
 
 namespace flashmla {
 
-constexpr int kTileRows = 64;
 constexpr int kBlockN = 64;
 constexpr int kDecodeThreads = 256;
+constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr float kMaxInit = -1e30f;  // finite: exp2 of (init - init) is 1, never NaN
 
-template <int kD>
+template <int kTileRows, int kD>
 struct DecodeSmem {
-  u16 q[kTileRows * kD];
+  static constexpr int kColGroups = kDecodeWarps / (kTileRows / 16);
   u16 kv[2][kBlockN * kD];
+  u16 q[kTileRows * kD];
   u16 p[kTileRows * kBlockN];
-  float row_max[2][kTileRows];
-  float row_sum[2][kTileRows];
+  float row_max[kColGroups][kTileRows];
+  float row_sum[kColGroups][kTileRows];
   int row_limit[kTileRows];  // per row: keys [0, limit) are visible
 };
 
-// Element offset of (row, col) in a row-major tile of `width` 16-bit elements whose
+// Element offset of (row, col) in a row-major tile of kWidth 16-bit elements whose
 // 16-byte chunks are XOR-swizzled by row % 8. ldmatrix then reads 8 rows of one chunk
 // column from 8 different bank groups. col must be a multiple of 8.
 template <int kWidth>
@@ -43,46 +47,51 @@ __device__ __forceinline__ int swz(int row, int col) {
   return row * kWidth + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
 }
 
-template <typename T, int kD, int kDV, bool kCausal>
+template <typename T, int kD, int kDV, int kTileRows, bool kCausal>
 __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   static_assert(kD % 64 == 0 && kDV % 64 == 0 && kDV <= kD, "head dims: d % 64 == 0, dv % 64 == 0, dv <= d");
-  constexpr int kChunks = kD / 8;           // 16-byte chunks per K/Q row
-  static_assert(kChunks % 4 == 0, "each of 4 threads per row loads kChunks / 4 chunks");
-  constexpr int kHalfDV = kDV / 2;           // output columns per warp
-  constexpr int kOTiles = kHalfDV / 8;       // n8 accumulator tiles per warp
+  static_assert(kTileRows == 16 || kTileRows == 32 || kTileRows == 64, "tile rows: 16, 32 or 64");
+  constexpr int kRowGroups = kTileRows / 16;
+  constexpr int kColGroups = kDecodeWarps / kRowGroups;  // 8, 4, 2
+  constexpr int kTokens = kBlockN / kColGroups;          // S tokens per warp: 8, 16, 32
+  constexpr int kSTiles = kTokens / 8;                   // n8 tiles of S per warp
+  constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128, 256
+  constexpr int kOTiles = kCols / 8;                     // n8 tiles of O per warp
+  constexpr int kChunks = kD / 8;                        // 16-byte chunks per K/Q row
+  static_assert(kChunks % 4 == 0, "each of 4 threads per token loads kChunks / 4 chunks");
+  static_assert(kCols % 64 == 0, "a warp's O columns span whole swizzle atoms");
+  constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  DecodeSmem<kD>& smem = *reinterpret_cast<DecodeSmem<kD>*>(smem_raw);
+  auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD>*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
-  const int rg = warp % 4, half = warp / 4;  // row group, token/column half
-  const int g = lane / 4, t = lane % 4;      // mma fragment coordinates
+  const int rg = warp % kRowGroups, cg = warp / kRowGroups;  // row group, column group
+  const int g = lane / 4, t = lane % 4;                       // mma fragment coordinates
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
   const int begin_req = rec[0], begin_blk = rec[1], end_req = rec[2], end_blk = rec[3], begin_split = rec[4];
   const float scale = (float)p.scale_log2;
   const int rows = (int)p.rows, hpk = (int)p.heads_per_kv;
 
-  // The two rows this thread holds in every accumulator fragment (row_local + 8 * h).
-  const int row_local0 = rg * 16 + g;
+  // The two rows this thread holds in every accumulator fragment: row0 and row0 + 8.
+  const int row0 = rg * 16 + g;
 
-  // Per-lane ldmatrix addresses. In a swizzled tile the XOR term depends only on the
+  // Per-lane ldmatrix addresses. In a swizzled tile the XOR term depends only on
   // row % 8 (a lane constant) and the chunk within the 128-byte atom, so four offsets
-  // per operand cover every k-step; the rest of each address is an immediate.
+  // cover every k-step; the rest of each address is an immediate.
   const u32 sq = smem_u32(smem.q), sp = smem_u32(smem.p);
-  const u32 q_frag = sq + (rg * 16 + lane % 16) * kD * 2;                     // A of Q K^T
-  const u32 k_row0 = (half * 32 + lane % 8 + (lane / 16) * 8) * kD * 2;       // B of Q K^T
-  const u32 k_row1 = k_row0 + 16 * kD * 2;
-  const u32 p_frag = sp + (rg * 16 + lane % 16) * kBlockN * 2;                // A of P V
-  const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * kD * 2 + half * kHalfDV * 2;  // B of P V
-  u32 q_xor[4], k_xor[4], p_xor[4], v_xor[4];
+  const u32 q_frag = sq + (rg * 16 + lane % 16) * kD * 2;                       // A of Q K^T
+  const u32 k_frag = (cg * kTokens + lane % 8 + (lane / 16) * 8) * kD * 2;      // B of Q K^T
+  const u32 p_frag = sp + (rg * 16 + lane % 16) * kBlockN * 2;                  // A of P V
+  const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * kD * 2 + cg * kCols * 2;  // B of P V
+  u32 a_xor[4], k_xor[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    q_xor[i] = ((2 * i + lane / 16) ^ (lane % 8)) * 16;
-    k_xor[i] = ((2 * i + (lane / 8) % 2) ^ (lane % 8)) * 16;
-    p_xor[i] = q_xor[i];
-    v_xor[i] = q_xor[i];
+    a_xor[i] = ((2 * i + lane / 16) ^ (lane % 8)) * 16;        // A operands and V (.trans)
+    k_xor[i] = ((2 * i + (lane / 8) % 2) ^ (lane % 8)) * 16;   // K as the B operand
   }
+
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
 
   for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
@@ -97,16 +106,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
     __syncthreads();  // the previous request is done with every shared buffer
 
-    // ---- Q tile: 4 threads per row, rows past `rows` zero-filled ----
+    // ---- Q tile: kQThreads threads per row, rows past `rows` zero-filled ----
     {
-      const int row = tid / 4, r = m_block * kTileRows + row;
+      constexpr int kQThreads = kDecodeThreads / kTileRows;
+      const int row = tid / kQThreads, r = m_block * kTileRows + row;
       const bool valid = r < rows;
-      const int si = valid ? r / hpk : 0, hq = valid ? head_kv * hpk + r % hpk : 0;
-      const u16* src = (const u16*)p.q + req * p.q_batch_stride + si * p.q_seq_stride + hq * p.q_head_stride;
-#pragma unroll
-      for (int i = 0; i < kChunks / 4; ++i) {
-        const int c = tid % 4 + 4 * i;
-        cp_async_16(sq + 2 * swz<kD>(row, c * 8), valid ? src + c * 8 : (const u16*)p.q, valid);
+      const u16* src = (const u16*)p.q;
+      if (valid) src += req * p.q_batch_stride + (r / hpk) * p.q_seq_stride + (head_kv * hpk + r % hpk) * p.q_head_stride;
+#pragma unroll 1  // once per request: not worth registers held across the main loop
+      for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
+        const int c = tid % kQThreads + kQThreads * i;
+        if (c < kChunks) cp_async_16(sq + 2 * swz<kD>(row, c * 8), valid ? src + c * 8 : src, valid);
       }
     }
     // ---- KV block loader: 4 threads per token, page looked up per token ----
@@ -121,18 +131,20 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       }
       const u16* src = (const u16*)p.k + (valid ? page * p.k_page_stride + (tok % p.page_size) * p.k_row_stride +
                                                       head_kv * p.k_head_stride : 0);
-      const u32 dst = smem_u32(smem.kv[buf]);
+      // Chunk c = tid % 4 + 4 i lands in atom i / 2 at one of two XOR patterns.
+      const u32 dst = smem_u32(smem.kv[buf]) + tok_in_blk * kD * 2;
+      const u32 x_even = ((tid % 4) ^ (tok_in_blk % 8)) * 16, x_odd = ((tid % 4 + 4) ^ (tok_in_blk % 8)) * 16;
 #pragma unroll
       for (int i = 0; i < kChunks / 4; ++i) {
         const int c = tid % 4 + 4 * i;
-        cp_async_16(dst + 2 * swz<kD>(tok_in_blk, c * 8), src + (valid ? c * 8 : 0), valid);
+        cp_async_16(dst + (i / 2) * 128 + (i % 2 ? x_odd : x_even), src + (valid ? c * 8 : 0), valid);
       }
       cp_async_commit_group();
     };
     load_kv(lo, 0);  // commits Q and the first block together
 
-    // Per-row visible length: end-aligned causal mask, never past the loaded tokens.
-    // Kept in shared memory: two more live registers spill the causal variant.
+    // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
+    // live registers make the main loop spill.
     if (tid < kTileRows) {
       const int s_idx = (m_block * kTileRows + tid) / hpk;
       smem.row_limit[tid] = kCausal ? min(kv_len, seqlen - (int)p.s_q + 1 + s_idx) : kv_len;
@@ -150,99 +162,110 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
       const u32 sk = smem_u32(smem.kv[buf]);
 
-      // ---- S = Q K^T for 16 rows x 32 tokens (this warp's half of the block) ----
-      float s[4][4];
+      // ---- S = Q K^T for 16 rows x kTokens tokens (this warp's share of the block) ----
+      float s[kSTiles][4];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
 #pragma unroll 1
       for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one 128-byte swizzle atom
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
-          u32 a[4], b0[4], b1[4];
-          ldmatrix_x4(a, q_frag + atom * 128 + q_xor[ks]);
-          ldmatrix_x4(b0, sk + k_row0 + atom * 128 + k_xor[ks]);
-          ldmatrix_x4(b1, sk + k_row1 + atom * 128 + k_xor[ks]);
-          mma_m16n8k16(s[0], a, b0[0], b0[1], T{});
-          mma_m16n8k16(s[1], a, b0[2], b0[3], T{});
-          mma_m16n8k16(s[2], a, b1[0], b1[1], T{});
-          mma_m16n8k16(s[3], a, b1[2], b1[3], T{});
+          u32 a[4];
+          ldmatrix_x4(a, q_frag + atom * 128 + a_xor[ks]);
+#pragma unroll
+          for (int nn = 0; nn < kSTiles; nn += 2) {
+            if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
+              u32 b[2];
+              ldmatrix_x2(b, sk + k_frag + atom * 128 + k_xor[ks]);
+              mma_m16n8k16(s[0], a, b[0], b[1], T{});
+            } else {
+              u32 b[4];
+              ldmatrix_x4(b, sk + k_frag + nn * 8 * kD * 2 + atom * 128 + k_xor[ks]);
+              mma_m16n8k16(s[nn], a, b[0], b[1], T{});
+              mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+            }
+          }
         }
       }
 
       // ---- mask (select, so garbage never survives) and scale into the log2 domain ----
-      const int limit[2] = {smem.row_limit[row_local0], smem.row_limit[row_local0 + 8]};
+      const int limit[2] = {smem.row_limit[row0], smem.row_limit[row0 + 8]};
       float mx[2] = {kMaxInit, kMaxInit};
 #pragma unroll
-      for (int j = 0; j < 4; ++j)
+      for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int h = i / 2, tok = blk * kBlockN + half * 32 + 8 * j + 2 * t + (i & 1);
+          const int h = i / 2, tok = blk * kBlockN + cg * kTokens + 8 * j + 2 * t + (i & 1);
           s[j][i] = tok < limit[h] ? s[j][i] * scale : -__int_as_float(0x7f800000);
           mx[h] = fmaxf(mx[h], s[j][i]);
         }
-  #pragma unroll
-    for (int h = 0; h < 2; ++h) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        if (t == 0) smem.row_max[half][row_local0 + 8 * h] = mx[h];
+        if (t == 0) smem.row_max[cg][row0 + 8 * h] = mx[h];
       }
-      bar_sync(1 + rg, 64);  // the two warps of this row group
+      bar_sync(1 + rg, kGroupThreads);  // the warps of this row group
 
-      // ---- online softmax: both warps derive the same new max ----
+      // ---- online softmax: every warp of the row group derives the same new max ----
       float rescale[2];
-  #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-        const float m_new = fmaxf(m_run[h], fmaxf(smem.row_max[0][row_local0 + 8 * h], smem.row_max[1][row_local0 + 8 * h]));
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float m_new = m_run[h];
+#pragma unroll
+        for (int c = 0; c < kColGroups; ++c) m_new = fmaxf(m_new, smem.row_max[c][row0 + 8 * h]);
         rescale[h] = ex2(m_run[h] - m_new);
         m_run[h] = m_new;
         l_run[h] *= rescale[h];
       }
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < kSTiles; ++j) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
           s[j][i] = ex2(s[j][i] - m_run[i / 2]);
           l_run[i / 2] += s[j][i];
         }
-        const int col = half * 32 + 8 * j;
-        *(u32*)&smem.p[swz<kBlockN>(row_local0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
-        *(u32*)&smem.p[swz<kBlockN>(row_local0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
+        const int col = cg * kTokens + 8 * j;
+        *(u32*)&smem.p[swz<kBlockN>(row0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
+        *(u32*)&smem.p[swz<kBlockN>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
       }
 #pragma unroll
       for (int j = 0; j < kOTiles; ++j) {
         o[j][0] *= rescale[0]; o[j][1] *= rescale[0];
         o[j][2] *= rescale[1]; o[j][3] *= rescale[1];
       }
-      bar_sync(1 + rg, 64);  // P of both halves written
+      bar_sync(1 + rg, kGroupThreads);  // P of the whole row group written
 
-      // ---- O[16 rows, this warp's 256 columns] += P[16, 64] V[64, 256] ----
+      // ---- O[16 rows, this warp's kCols columns] += P[16, 64] V[64, kCols] ----
 #pragma unroll
       for (int kk = 0; kk < kBlockN / 16; ++kk) {
         u32 a[4];
-        ldmatrix_x4(a, p_frag + p_xor[kk]);
+        ldmatrix_x4(a, p_frag + a_xor[kk]);
 #pragma unroll
         for (int nn = 0; nn < kOTiles / 2; ++nn) {
           u32 b[4];
-          ldmatrix_x4_trans(b, sk + v_frag + kk * 16 * kD * 2 + (nn / 4) * 128 + v_xor[nn % 4]);
+          ldmatrix_x4_trans(b, sk + v_frag + kk * 16 * kD * 2 + (nn / 4) * 128 + a_xor[nn % 4]);
           mma_m16n8k16(o[2 * nn], a, b[0], b[1], T{});
           mma_m16n8k16(o[2 * nn + 1], a, b[2], b[3], T{});
         }
       }
     }
 
-    // ---- epilogue: row sums across the quad, then across the two halves ----
+    // ---- epilogue: row sums across the quad, then across the column groups ----
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       l_run[h] += __shfl_xor_sync(0xffffffff, l_run[h], 1);
       l_run[h] += __shfl_xor_sync(0xffffffff, l_run[h], 2);
-      if (t == 0) smem.row_sum[half][row_local0 + 8 * h] = l_run[h];
+      if (t == 0) smem.row_sum[cg][row0 + 8 * h] = l_run[h];
     }
-    bar_sync(1 + rg, 64);
+    bar_sync(1 + rg, kGroupThreads);
     float inv[2];
     bool empty[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const float l = smem.row_sum[0][row_local0 + 8 * h] + smem.row_sum[1][row_local0 + 8 * h];
+      float l = 0.f;
+#pragma unroll
+      for (int c = 0; c < kColGroups; ++c) l += smem.row_sum[c][row0 + 8 * h];
       empty[h] = !(l > 0.f);  // no visible key (or NaN): output 0
       inv[h] = empty[h] ? 0.f : __fdividef(1.f, l);
       l_run[h] = l;
@@ -250,25 +273,25 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int r = m_block * kTileRows + row_local0 + 8 * h;
+      const int r = m_block * kTileRows + row0 + 8 * h;
       if (r >= rows) continue;
       const int s_idx = r / hpk, hq = head_kv * hpk + r % hpk;
       if (n_pieces == 1) {  // the whole request is in this part: write the final result
         u16* dst = (u16*)p.out + req * p.o_batch_stride + s_idx * p.o_seq_stride + hq * p.o_head_stride +
-                   half * kHalfDV + 2 * t;
+                   cg * kCols + 2 * t;
 #pragma unroll
         for (int j = 0; j < kOTiles; ++j)
           *(u32*)(dst + 8 * j) = cvt_pack(o[j][2 * h] * inv[h], o[j][2 * h + 1] * inv[h], T{});
-        if (half == 0 && t == 0)
+        if (cg == 0 && t == 0)
           p.lse[(req * p.h_q + hq) * p.s_q + s_idx] =
               empty[h] ? __int_as_float(0x7f800000) : (__log2f(l_run[h]) + m_run[h]) * kLn2;
       } else {  // one piece of a split request: fp32 partial, lse in the log2 domain
         const i64 prow = ((i64)split * p.h_kv + head_kv) * rows + r;
-        float* dst = p.o_accum + prow * kDV + half * kHalfDV + 2 * t;
+        float* dst = p.o_accum + prow * kDV + cg * kCols + 2 * t;
 #pragma unroll
         for (int j = 0; j < kOTiles; ++j)
           *(float2*)(dst + 8 * j) = make_float2(o[j][2 * h] * inv[h], o[j][2 * h + 1] * inv[h]);
-        if (half == 0 && t == 0)
+        if (cg == 0 && t == 0)
           p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
       }
     }
