@@ -32,8 +32,9 @@ def poison_allocator(*shapes_dtypes):
         torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
 
 
-def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda"):
-    q, k_cache, block_table, seqlens_t = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, device=device)
+def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda", page_size=64):
+    q, k_cache, block_table, seqlens_t = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, device=device,
+                                                     page_size=page_size)
     sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
     with torch.cuda.device(device):
         poison_allocator(((batch, s_q, h_q, 512), dtype), ((batch, h_q, s_q), torch.float32))
@@ -88,6 +89,13 @@ def test_grid_bf16(batch, s_q, h_q, h_kv, kind, causal):
 def test_grid_fp16(batch, s_q, h_q, h_kv, kind, causal):
     gen = torch.Generator().manual_seed(7 + batch)
     run_case(batch, s_q, h_q, h_kv, _seqlens(batch, kind, gen), causal, dtype=torch.float16)
+
+
+@pytest.mark.parametrize("page_size", [1, 16, 32, 128, 256])
+def test_page_sizes(page_size):
+    # the page size is read from k_cache's shape; pages are gathered per token
+    run_case(5, 2, 16, 1, [0, 1, 300, 1000, 2049], causal=True, page_size=page_size)
+    run_case(3, 1, 128, 1, [77, 4000, 64], causal=False, page_size=page_size)
 
 
 def test_seqlen_shorter_than_s_q_sees_nothing():

@@ -42,7 +42,9 @@ def sass(cubin: bytes, tmp_path) -> str:
 
 EXPECTED = {
     # kind: instructions that must appear (tensor-core MMA, ldmatrix, async copies, ex2)
-    "decode": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4", "LDGSTS", "MUFU.EX2", "BAR.SYNC"],
+    "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
+    "decode.m64": ["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
+    "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
     "combine": ["MUFU.EX2", "LDG.E.128"],
     "metadata": ["SHFL.UP", "BAR.SYNC"],
 }
@@ -53,9 +55,16 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
     artifact = compiler.compile_spec(s)
     code = sass(artifact.cubin, tmp_path)
     assert "sm_90a" in code
-    for instruction in EXPECTED[s.kind]:
-        assert instruction in code, f"{s.name}: {instruction} missing from SASS"
+    expected = list(EXPECTED[s.kind])
     if s.kind == "decode":
+        expected += EXPECTED["decode.m64" if s.tile_rows == 64 else "decode.mma_sync"]
+    for instruction in expected:
+        assert instruction in code, f"{s.name}: {instruction} missing from SASS"
+    if s.kind == "decode" and s.tile_rows == 64:
+        assert "HMMA" not in code, f"{s.name}: 64-row tiles must run on wgmma only"
+        # as for HMMA, only bf16 inputs print a type suffix
+        assert ("HGMMA.64x256x16.F32.BF16" in code) == (s.dtype == "bf16")
+    elif s.kind == "decode":
         # fp16 inputs print as plain HMMA.16816.F32; bf16 ones carry a .BF16 suffix
         assert ("HMMA.16816.F32.BF16" in code) == (s.dtype == "bf16")
     for local in ("LDL", "STL"):

@@ -12,9 +12,10 @@
 // of a row group agree on the running max through shared memory and share P (16-bit)
 // through shared memory, so each S element is computed once.
 //
-// Tensor cores: mma.sync m16n8k16 with fp32 accumulators, operands via ldmatrix from
-// 128-byte-swizzled shared tiles; K and V come from the same shared K block (V is the
-// first head_dim_v columns of K). KV pages are gathered per token through the block
+// Tensor cores: 64-row tiles use wgmma (two warpgroups: S for 32 tokens each with
+// m64n32k16, O for 256 columns each with m64n256k16, operands straight from shared
+// memory); 16- and 32-row tiles use mma.sync m16n8k16 with operands via ldmatrix. K and V
+// come from the same shared K block (V is the first head_dim_v columns of K). KV pages are gathered per token through the block
 // table with cp.async, double buffered; tokens past the sequence end are zero-filled,
 // so NaN in a page tail never reaches the MMAs.
 #pragma once
@@ -38,14 +39,16 @@ struct DecodeSmem {
   int row_limit[kTileRows];  // per row: keys [0, limit) are visible
 };
 
-// Element offset of (row, col) in a row-major tile of kWidth 16-bit elements whose
-// 16-byte chunks are XOR-swizzled by row % 8. ldmatrix then reads 8 rows of one chunk
-// column from 8 different bank groups. col must be a multiple of 8.
-template <int kWidth>
-__device__ __forceinline__ int swz(int row, int col) {
-  static_assert(kWidth % 64 == 0, "swizzled tile width must be a multiple of 64 elements");
-  return row * kWidth + ((((col >> 3) ^ row) & 7) | ((col >> 3) & ~7)) * 8;
+// Shared tiles are stored as wgmma's 128-byte-swizzled K-major layout: a tile of kRows
+// rows x (64 * n) columns is n sub-tiles of kRows x 64 elements (128-byte rows, 8-row
+// atoms of 1024 bytes), and inside a row the 16-byte chunk index is XORed with row % 8.
+// wgmma reads it through descriptors; ldmatrix reads 8 rows of one chunk column from 8
+// different bank groups. Element offset of (row, col); col must be a multiple of 8.
+template <int kRows>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  return (col / 64) * kRows * 64 + row * 64 + ((((col / 8) % 8) ^ (row % 8)) * 8);
 }
+constexpr int kSubTileBytes = kBlockN * 128;  // one 64-column sub-tile of a KV block
 
 template <typename T, int kD, int kDV, int kTileRows, bool kCausal>
 __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
@@ -61,6 +64,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   static_assert(kChunks % 4 == 0, "each of 4 threads per token loads kChunks / 4 chunks");
   static_assert(kCols % 64 == 0, "a warp's O columns span whole swizzle atoms");
   constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
+  // 64-row tiles: warps 4w..4w+3 form warpgroup w = cg, and warp w % 4 of a warpgroup
+  // owns rows 16 (w % 4).. of wgmma's accumulators, i.e. the same rows as row group rg.
+  constexpr bool kWgmma = kTileRows == 64;
+  static_assert(!kWgmma || (kTokens == 32 && kCols == 256), "wgmma shapes are m64n32 (S) and m64n256 (O)");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD>*>(smem_raw);
@@ -81,10 +88,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   // row % 8 (a lane constant) and the chunk within the 128-byte atom, so four offsets
   // cover every k-step; the rest of each address is an immediate.
   const u32 sq = smem_u32(smem.q), sp = smem_u32(smem.p);
-  const u32 q_frag = sq + (rg * 16 + lane % 16) * kD * 2;                       // A of Q K^T
-  const u32 k_frag = (cg * kTokens + lane % 8 + (lane / 16) * 8) * kD * 2;      // B of Q K^T
-  const u32 p_frag = sp + (rg * 16 + lane % 16) * kBlockN * 2;                  // A of P V
-  const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * kD * 2 + cg * kCols * 2;  // B of P V
+  const u32 q_frag = sq + (rg * 16 + lane % 16) * 128;                         // A of Q K^T
+  const u32 k_frag = (cg * kTokens + lane % 8 + (lane / 16) * 8) * 128;        // B of Q K^T
+  const u32 p_frag = sp + (rg * 16 + lane % 16) * 128;                         // A of P V
+  const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * 128 + (cg * kCols / 64) * kSubTileBytes;  // B of P V
+  const u32 v_frag_wg = (cg * kCols / 64) * kSubTileBytes;                     // wgmma: V of warpgroup cg
   u32 a_xor[4], k_xor[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -116,7 +124,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 #pragma unroll 1  // once per request: not worth registers held across the main loop
       for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
         const int c = tid % kQThreads + kQThreads * i;
-        if (c < kChunks) cp_async_16(sq + 2 * swz<kD>(row, c * 8), valid ? src + c * 8 : src, valid);
+        if (c < kChunks) cp_async_16(sq + 2 * tile_offset<kTileRows>(row, c * 8), valid ? src + c * 8 : src, valid);
       }
     }
     // ---- KV block loader: 4 threads per token, page looked up per token ----
@@ -131,13 +139,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       }
       const u16* src = (const u16*)p.k + (valid ? page * p.k_page_stride + (tok % p.page_size) * p.k_row_stride +
                                                       head_kv * p.k_head_stride : 0);
-      // Chunk c = tid % 4 + 4 i lands in atom i / 2 at one of two XOR patterns.
-      const u32 dst = smem_u32(smem.kv[buf]) + tok_in_blk * kD * 2;
+      // Chunk c = tid % 4 + 4 i lands in sub-tile i / 2 at one of two XOR patterns.
+      const u32 dst = smem_u32(smem.kv[buf]) + tok_in_blk * 128;
       const u32 x_even = ((tid % 4) ^ (tok_in_blk % 8)) * 16, x_odd = ((tid % 4 + 4) ^ (tok_in_blk % 8)) * 16;
 #pragma unroll
       for (int i = 0; i < kChunks / 4; ++i) {
         const int c = tid % 4 + 4 * i;
-        cp_async_16(dst + (i / 2) * 128 + (i % 2 ? x_odd : x_even), src + (valid ? c * 8 : 0), valid);
+        cp_async_16(dst + (i / 2) * kSubTileBytes + (i % 2 ? x_odd : x_even), src + (valid ? c * 8 : 0), valid);
       }
       cp_async_commit_group();
     };
@@ -158,6 +166,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     for (int blk = lo; blk < hi; ++blk) {
       const int buf = (blk - lo) & 1;
       cp_async_wait_all();
+      fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
       __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
       if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
       const u32 sk = smem_u32(smem.kv[buf]);
@@ -166,23 +175,36 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       float s[kSTiles][4];
 #pragma unroll
       for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+      if constexpr (kWgmma) {
+        float(&acc)[16] = *reinterpret_cast<float(*)[16]>(&s[0][0]);
+        wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < kD / 16; ++ks) {
+          const u32 k_off = (ks / 4) * kSubTileBytes + (ks % 4) * 32;  // +32 bytes = 16 columns in an atom
+          wgmma_m64n32k16_ss(acc, smem_desc(sq + (ks / 4) * kTileRows * 128 + (ks % 4) * 32, 0, 1024),
+                             smem_desc(sk + cg * kTokens * 128 + k_off, 0, 1024), ks > 0, T{});
+        }
+        wgmma_commit_group();
+        wgmma_wait_group<0>();
+      } else {
 #pragma unroll 1
-      for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one 128-byte swizzle atom
+        for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one sub-tile
 #pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          u32 a[4];
-          ldmatrix_x4(a, q_frag + atom * 128 + a_xor[ks]);
+          for (int ks = 0; ks < 4; ++ks) {
+            u32 a[4];
+            ldmatrix_x4(a, q_frag + atom * kTileRows * 128 + a_xor[ks]);
 #pragma unroll
-          for (int nn = 0; nn < kSTiles; nn += 2) {
-            if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
-              u32 b[2];
-              ldmatrix_x2(b, sk + k_frag + atom * 128 + k_xor[ks]);
-              mma_m16n8k16(s[0], a, b[0], b[1], T{});
-            } else {
-              u32 b[4];
-              ldmatrix_x4(b, sk + k_frag + nn * 8 * kD * 2 + atom * 128 + k_xor[ks]);
-              mma_m16n8k16(s[nn], a, b[0], b[1], T{});
-              mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+            for (int nn = 0; nn < kSTiles; nn += 2) {
+              if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
+                u32 b[2];
+                ldmatrix_x2(b, sk + k_frag + atom * kSubTileBytes + k_xor[ks]);
+                mma_m16n8k16(s[0], a, b[0], b[1], T{});
+              } else {
+                u32 b[4];
+                ldmatrix_x4(b, sk + k_frag + nn * 8 * 128 + atom * kSubTileBytes + k_xor[ks]);
+                mma_m16n8k16(s[nn], a, b[0], b[1], T{});
+                mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+              }
             }
           }
         }
@@ -226,27 +248,40 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
           l_run[i / 2] += s[j][i];
         }
         const int col = cg * kTokens + 8 * j;
-        *(u32*)&smem.p[swz<kBlockN>(row0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
-        *(u32*)&smem.p[swz<kBlockN>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
+        *(u32*)&smem.p[tile_offset<kTileRows>(row0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
+        *(u32*)&smem.p[tile_offset<kTileRows>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
       }
 #pragma unroll
       for (int j = 0; j < kOTiles; ++j) {
         o[j][0] *= rescale[0]; o[j][1] *= rescale[0];
         o[j][2] *= rescale[1]; o[j][3] *= rescale[1];
       }
-      bar_sync(1 + rg, kGroupThreads);  // P of the whole row group written
-
-      // ---- O[16 rows, this warp's kCols columns] += P[16, 64] V[64, kCols] ----
+      if constexpr (kWgmma) {
+        // ---- O[64 rows, this warpgroup's 256 columns] += P[64, 64] V[64, 256] ----
+        fence_proxy_async_shared();  // P was written with st.shared; wgmma reads it
+        __syncthreads();             // both warpgroups' halves of P written
+        float(&acc)[kOTiles * 4] = *reinterpret_cast<float(*)[kOTiles * 4]>(&o[0][0]);
+        wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < kBlockN / 16; ++kk) {
-        u32 a[4];
-        ldmatrix_x4(a, p_frag + a_xor[kk]);
+        for (int kk = 0; kk < kBlockN / 16; ++kk)  // V: MN-major, 64-column sub-tiles 8 KB apart
+          wgmma_m64n256k16_ss(acc, smem_desc(sp + kk * 32, 0, 1024),
+                              smem_desc(sk + v_frag_wg + kk * 16 * 128, kSubTileBytes, 1024), 1, T{});
+        wgmma_commit_group();
+        wgmma_wait_group<0>();
+      } else {
+        // ---- O[16 rows, this warp's kCols columns] += P[16, 64] V[64, kCols] ----
+        bar_sync(1 + rg, kGroupThreads);  // P of the whole row group written
 #pragma unroll
-        for (int nn = 0; nn < kOTiles / 2; ++nn) {
-          u32 b[4];
-          ldmatrix_x4_trans(b, sk + v_frag + kk * 16 * kD * 2 + (nn / 4) * 128 + a_xor[nn % 4]);
-          mma_m16n8k16(o[2 * nn], a, b[0], b[1], T{});
-          mma_m16n8k16(o[2 * nn + 1], a, b[2], b[3], T{});
+        for (int kk = 0; kk < kBlockN / 16; ++kk) {
+          u32 a[4];
+          ldmatrix_x4(a, p_frag + a_xor[kk]);
+#pragma unroll
+          for (int nn = 0; nn < kOTiles / 2; ++nn) {
+            u32 b[4];
+            ldmatrix_x4_trans(b, sk + v_frag + kk * 16 * 128 + (nn / 4) * kSubTileBytes + a_xor[nn % 4]);
+            mma_m16n8k16(o[2 * nn], a, b[0], b[1], T{});
+            mma_m16n8k16(o[2 * nn + 1], a, b[2], b[3], T{});
+          }
         }
       }
     }
