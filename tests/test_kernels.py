@@ -43,7 +43,7 @@ def sass(cubin: bytes, tmp_path) -> str:
 EXPECTED = {
     # kind: instructions that must appear (tensor-core MMA, ldmatrix, async copies, ex2)
     "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
-    "decode.m64": ["HGMMA.64x32x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
+    "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
     "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
     "combine": ["MUFU.EX2", "LDG.E.128"],
     "metadata": ["SHFL.UP", "BAR.SYNC"],

@@ -30,6 +30,7 @@ fi
 if [[ $stage == all || $stage == bench ]]; then
   timeout 300 python3 tools/bench.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40
   status+=("bench: exit ${PIPESTATUS[0]}")
+  timeout 60 python3 tools/host_profile.py > "$OUT/host_profile.log" 2>&1
 fi
 echo
 printf '%s\n' "${status[@]}"

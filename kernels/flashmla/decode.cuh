@@ -56,8 +56,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   static_assert(kTileRows == 16 || kTileRows == 32 || kTileRows == 64, "tile rows: 16, 32 or 64");
   constexpr int kRowGroups = kTileRows / 16;
   constexpr int kColGroups = kDecodeWarps / kRowGroups;  // 8, 4, 2
-  constexpr int kTokens = kBlockN / kColGroups;          // S tokens per warp: 8, 16, 32
-  constexpr int kSTiles = kTokens / 8;                   // n8 tiles of S per warp
+  constexpr bool kWgmma = kTileRows == 64;               // 64-row tiles run on wgmma
+  // Warps that compute S: mma.sync tiles split the 64 tokens over the column groups;
+  // wgmma tiles give all of S to warpgroup 0 (one S group).
+  constexpr int kSGroups = kWgmma ? 1 : kColGroups;
+  constexpr int kSTokens = kBlockN / kSGroups;           // S tokens per warp: 8, 16 or 64
+  constexpr int kSTiles = kSTokens / 8;                  // n8 tiles of S per warp
   constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128, 256
   constexpr int kOTiles = kCols / 8;                     // n8 tiles of O per warp
   constexpr int kChunks = kD / 8;                        // 16-byte chunks per K/Q row
@@ -66,8 +70,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
   // 64-row tiles: warps 4w..4w+3 form warpgroup w = cg, and warp w % 4 of a warpgroup
   // owns rows 16 (w % 4).. of wgmma's accumulators, i.e. the same rows as row group rg.
-  constexpr bool kWgmma = kTileRows == 64;
-  static_assert(!kWgmma || (kTokens == 32 && kCols == 256), "wgmma shapes are m64n32 (S) and m64n256 (O)");
+  static_assert(!kWgmma || (kSTokens == 64 && kCols == 256), "wgmma shapes are m64n64 (S) and m64n256 (O)");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD>*>(smem_raw);
@@ -89,7 +92,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   // cover every k-step; the rest of each address is an immediate.
   const u32 sq = smem_u32(smem.q), sp = smem_u32(smem.p);
   const u32 q_frag = sq + (rg * 16 + lane % 16) * 128;                         // A of Q K^T
-  const u32 k_frag = (cg * kTokens + lane % 8 + (lane / 16) * 8) * 128;        // B of Q K^T
+  const int s_tok0 = kWgmma ? 0 : cg * kSTokens;                               // first S token of this warp
+  const u32 k_frag = (s_tok0 + lane % 8 + (lane / 16) * 8) * 128;              // B of Q K^T
   const u32 p_frag = sp + (rg * 16 + lane % 16) * 128;                         // A of P V
   const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * 128 + (cg * kCols / 64) * kSubTileBytes;  // B of P V
   const u32 v_frag_wg = (cg * kCols / 64) * kSubTileBytes;                     // wgmma: V of warpgroup cg
@@ -171,85 +175,99 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
       const u32 sk = smem_u32(smem.kv[buf]);
 
-      // ---- S = Q K^T for 16 rows x kTokens tokens (this warp's share of the block) ----
-      float s[kSTiles][4];
+      // ---- S = Q K^T for 16 rows x kSTokens tokens, by the warps that own S ----
+      // 64-row tiles: warpgroup 0 computes S for all 64 tokens (m64n64k16 reads as many
+      // smem bytes per cycle as the pipe allows; n32 would be smem-bound) and the
+      // softmax, and hands P and the row rescale to warpgroup 1 through shared memory.
+      float rescale[2];
+      if (!kWgmma || cg == 0) {
+        float s[kSTiles][4];
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
-      if constexpr (kWgmma) {
-        float(&acc)[16] = *reinterpret_cast<float(*)[16]>(&s[0][0]);
-        wgmma_fence();
+        for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        if constexpr (kWgmma) {
+          float(&acc)[kSTiles * 4] = *reinterpret_cast<float(*)[kSTiles * 4]>(&s[0][0]);
+          wgmma_fence();
 #pragma unroll
-        for (int ks = 0; ks < kD / 16; ++ks) {
-          const u32 k_off = (ks / 4) * kSubTileBytes + (ks % 4) * 32;  // +32 bytes = 16 columns in an atom
-          wgmma_m64n32k16_ss(acc, smem_desc(sq + (ks / 4) * kTileRows * 128 + (ks % 4) * 32, 0, 1024),
-                             smem_desc(sk + cg * kTokens * 128 + k_off, 0, 1024), ks > 0, T{});
-        }
-        wgmma_commit_group();
-        wgmma_wait_group<0>();
-      } else {
+          for (int ks = 0; ks < kD / 16; ++ks) {
+            const u32 k_off = (ks / 4) * kSubTileBytes + (ks % 4) * 32;  // +32 bytes = 16 columns in an atom
+            wgmma_m64n64k16_ss(acc, smem_desc(sq + (ks / 4) * kTileRows * 128 + (ks % 4) * 32, 0, 1024),
+                               smem_desc(sk + k_off, 0, 1024), ks > 0, T{});
+          }
+          wgmma_commit_group();
+          wgmma_wait_group<0>();
+        } else {
 #pragma unroll 1
-        for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one sub-tile
+          for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one sub-tile
 #pragma unroll
-          for (int ks = 0; ks < 4; ++ks) {
-            u32 a[4];
-            ldmatrix_x4(a, q_frag + atom * kTileRows * 128 + a_xor[ks]);
+            for (int ks = 0; ks < 4; ++ks) {
+              u32 a[4];
+              ldmatrix_x4(a, q_frag + atom * kTileRows * 128 + a_xor[ks]);
 #pragma unroll
-            for (int nn = 0; nn < kSTiles; nn += 2) {
-              if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
-                u32 b[2];
-                ldmatrix_x2(b, sk + k_frag + atom * kSubTileBytes + k_xor[ks]);
-                mma_m16n8k16(s[0], a, b[0], b[1], T{});
-              } else {
-                u32 b[4];
-                ldmatrix_x4(b, sk + k_frag + nn * 8 * 128 + atom * kSubTileBytes + k_xor[ks]);
-                mma_m16n8k16(s[nn], a, b[0], b[1], T{});
-                mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+              for (int nn = 0; nn < kSTiles; nn += 2) {
+                if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
+                  u32 b[2];
+                  ldmatrix_x2(b, sk + k_frag + atom * kSubTileBytes + k_xor[ks]);
+                  mma_m16n8k16(s[0], a, b[0], b[1], T{});
+                } else {
+                  u32 b[4];
+                  ldmatrix_x4(b, sk + k_frag + nn * 8 * 128 + atom * kSubTileBytes + k_xor[ks]);
+                  mma_m16n8k16(s[nn], a, b[0], b[1], T{});
+                  mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+                }
               }
             }
           }
         }
-      }
 
-      // ---- mask (select, so garbage never survives) and scale into the log2 domain ----
-      const int limit[2] = {smem.row_limit[row0], smem.row_limit[row0 + 8]};
-      float mx[2] = {kMaxInit, kMaxInit};
+        // ---- mask (select, so garbage never survives) and scale into the log2 domain ----
+        const int limit[2] = {smem.row_limit[row0], smem.row_limit[row0 + 8]};
+        float mx[2] = {kMaxInit, kMaxInit};
 #pragma unroll
-      for (int j = 0; j < kSTiles; ++j)
+        for (int j = 0; j < kSTiles; ++j)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int h = i / 2, tok = blk * kBlockN + cg * kTokens + 8 * j + 2 * t + (i & 1);
-          s[j][i] = tok < limit[h] ? s[j][i] * scale : -__int_as_float(0x7f800000);
-          mx[h] = fmaxf(mx[h], s[j][i]);
+          for (int i = 0; i < 4; ++i) {
+            const int h = i / 2, tok = blk * kBlockN + s_tok0 + 8 * j + 2 * t + (i & 1);
+            s[j][i] = tok < limit[h] ? s[j][i] * scale : -__int_as_float(0x7f800000);
+            mx[h] = fmaxf(mx[h], s[j][i]);
+          }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+          mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+          if (kSGroups > 1 && t == 0) smem.row_max[cg][row0 + 8 * h] = mx[h];
+        }
+        if (kSGroups > 1) bar_sync(1 + rg, kGroupThreads);  // the warps sharing these rows
+
+        // ---- online softmax: every warp of the row group derives the same new max ----
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float m_new = fmaxf(m_run[h], mx[h]);
+#pragma unroll
+          for (int c = 0; c < kSGroups && kSGroups > 1; ++c) m_new = fmaxf(m_new, smem.row_max[c][row0 + 8 * h]);
+          rescale[h] = ex2(m_run[h] - m_new);
+          m_run[h] = m_new;
+          l_run[h] *= rescale[h];
+          if (kWgmma && t == 0) smem.row_max[0][row0 + 8 * h] = rescale[h];  // for warpgroup 1
         }
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
-        if (t == 0) smem.row_max[cg][row0 + 8 * h] = mx[h];
-      }
-      bar_sync(1 + rg, kGroupThreads);  // the warps of this row group
-
-      // ---- online softmax: every warp of the row group derives the same new max ----
-      float rescale[2];
+        for (int j = 0; j < kSTiles; ++j) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float m_new = m_run[h];
-#pragma unroll
-        for (int c = 0; c < kColGroups; ++c) m_new = fmaxf(m_new, smem.row_max[c][row0 + 8 * h]);
-        rescale[h] = ex2(m_run[h] - m_new);
-        m_run[h] = m_new;
-        l_run[h] *= rescale[h];
-      }
-#pragma unroll
-      for (int j = 0; j < kSTiles; ++j) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          s[j][i] = ex2(s[j][i] - m_run[i / 2]);
-          l_run[i / 2] += s[j][i];
+          for (int i = 0; i < 4; ++i) {
+            s[j][i] = ex2(s[j][i] - m_run[i / 2]);
+            l_run[i / 2] += s[j][i];
+          }
+          const int col = s_tok0 + 8 * j;
+          *(u32*)&smem.p[tile_offset<kTileRows>(row0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
+          *(u32*)&smem.p[tile_offset<kTileRows>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
         }
-        const int col = cg * kTokens + 8 * j;
-        *(u32*)&smem.p[tile_offset<kTileRows>(row0, col) + 2 * t] = cvt_pack(s[j][0], s[j][1], T{});
-        *(u32*)&smem.p[tile_offset<kTileRows>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
+      }
+      if constexpr (kWgmma) {
+        fence_proxy_async_shared();  // P was written with st.shared; wgmma reads it
+        __syncthreads();             // P and the rescale of this block published by warpgroup 0
+        if (cg == 1) {
+          rescale[0] = smem.row_max[0][row0];
+          rescale[1] = smem.row_max[0][row0 + 8];
+        }
       }
 #pragma unroll
       for (int j = 0; j < kOTiles; ++j) {
@@ -258,8 +276,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       }
       if constexpr (kWgmma) {
         // ---- O[64 rows, this warpgroup's 256 columns] += P[64, 64] V[64, 256] ----
-        fence_proxy_async_shared();  // P was written with st.shared; wgmma reads it
-        __syncthreads();             // both warpgroups' halves of P written
         float(&acc)[kOTiles * 4] = *reinterpret_cast<float(*)[kOTiles * 4]>(&o[0][0]);
         wgmma_fence();
 #pragma unroll
