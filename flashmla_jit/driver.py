@@ -62,17 +62,18 @@ def sm_count(device: int) -> int:
 
 
 class _OnDevice:
-    """Make the device's primary context current for a block, if it is not already."""
+    """Make the device's primary context current for a block, if it is not already
+    (torch and cupy keep the current device's primary context current already)."""
+
+    __slots__ = ("ctx", "pushed")
 
     def __init__(self, device: int):
         self.ctx = primary_context(device)
-        self.pushed = False
 
     def __enter__(self):
-        current = check(cu.cuCtxGetCurrent())
-        if int(current) != int(self.ctx):
+        self.pushed = int(check(cu.cuCtxGetCurrent())) != int(self.ctx)
+        if self.pushed:
             check(cu.cuCtxPushCurrent(self.ctx))
-            self.pushed = True
 
     def __exit__(self, *exc):
         if self.pushed:
@@ -106,10 +107,23 @@ def function(spec, device: int):
     return fn
 
 
+_streams: dict = {}
+
+
+def _stream(handle: int):
+    """cuda-python's CUstream for a raw handle, built once per handle."""
+    stream = _streams.get(handle)
+    if stream is None:
+        if len(_streams) > 256:  # streams come and go in long-lived processes
+            _streams.clear()
+        stream = _streams[handle] = cu.CUstream(handle)
+    return stream
+
+
 def launch(spec, device: int, grid, params: ctypes.Structure, stream: int):
     """Launch `spec` with one by-value struct argument on the stream handle `stream`."""
-    fn = function(spec, device)
+    fn = _functions.get((spec, device)) or function(spec, device)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     with _OnDevice(device):
         check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes,
-                                cu.CUstream(stream), ctypes.addressof(args), 0))
+                                _stream(stream), ctypes.addressof(args), 0))

@@ -9,6 +9,7 @@ NVRTC name expression (no text templating of kernel bodies).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 
 KINDS = ("decode", "combine", "metadata")
@@ -101,18 +102,21 @@ class KernelSpec:
         return kv + q + p + row_stats
 
 
+@functools.cache
 def tile_rows_for(rows: int) -> int:
     """Query-tile height for `rows` query rows per KV head: the shortest that holds
     them, so few heads do not pay for padding rows (64 beyond that: 64-row tiles)."""
     return next((m for m in TILE_ROWS if rows <= m), TILE_ROWS[-1])
 
 
+@functools.cache  # called on every decode: build (and validate) each spec once
 def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int) -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
                       tile_rows=tile_rows_for(rows))
 
 
+@functools.cache
 def combine_spec(dtype: str, head_dim: int, head_dim_v: int) -> KernelSpec:
     return KernelSpec("combine", dtype, head_dim, head_dim_v)
 

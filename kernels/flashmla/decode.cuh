@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128, 256
   constexpr int kOTiles = kCols / 8;                     // n8 tiles of O per warp
   constexpr int kChunks = kD / 8;                        // 16-byte chunks per K/Q row
-  static_assert(kChunks % 4 == 0, "each of 4 threads per token loads kChunks / 4 chunks");
+  constexpr int kTokenThreads = (kWgmma ? 128 : kDecodeThreads) / kBlockN;  // KV loader threads per token
+  static_assert(kChunks % 8 == 0, "a token's chunks split evenly over its loader threads");
   static_assert(kCols % 64 == 0, "a warp's O columns span whole swizzle atoms");
   constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
   // 64-row tiles: warps 4w..4w+3 form warpgroup w = cg, and warp w % 4 of a warpgroup
@@ -131,9 +132,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
         if (c < kChunks) cp_async_16(sq + 2 * tile_offset<kTileRows>(row, c * 8), valid ? src + c * 8 : src, valid);
       }
     }
-    // ---- KV block loader: 4 threads per token, page looked up per token ----
+    // ---- KV block loader: kTokenThreads threads per token, page looked up per token ----
+    // (64-row tiles: warpgroup 1 loads while warpgroup 0 starts on S; otherwise all warps.)
     auto load_kv = [&](int blk, int buf) {
-      const int tok_in_blk = tid / 4;
+      const int lt = kWgmma ? tid - 128 : tid;                    // loader thread index
+      const int tok_in_blk = lt / kTokenThreads, part = lt % kTokenThreads;
       const int tok = blk * kBlockN + tok_in_blk;
       bool valid = tok < kv_len;
       i64 page = 0;
@@ -143,17 +146,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       }
       const u16* src = (const u16*)p.k + (valid ? page * p.k_page_stride + (tok % p.page_size) * p.k_row_stride +
                                                       head_kv * p.k_head_stride : 0);
-      // Chunk c = tid % 4 + 4 i lands in sub-tile i / 2 at one of two XOR patterns.
+      // Chunk c = part + kTokenThreads * i lands in sub-tile i / kXors, at one of kXors
+      // XOR positions inside its 128-byte row.
+      constexpr int kXors = 8 / kTokenThreads;
       const u32 dst = smem_u32(smem.kv[buf]) + tok_in_blk * 128;
-      const u32 x_even = ((tid % 4) ^ (tok_in_blk % 8)) * 16, x_odd = ((tid % 4 + 4) ^ (tok_in_blk % 8)) * 16;
+      u32 x[kXors];
 #pragma unroll
-      for (int i = 0; i < kChunks / 4; ++i) {
-        const int c = tid % 4 + 4 * i;
-        cp_async_16(dst + (i / 2) * kSubTileBytes + (i % 2 ? x_odd : x_even), src + (valid ? c * 8 : 0), valid);
+      for (int k = 0; k < kXors; ++k) x[k] = ((part + kTokenThreads * k) ^ (tok_in_blk % 8)) * 16;
+#pragma unroll
+      for (int i = 0; i < kChunks / kTokenThreads; ++i) {
+        const int c = part + kTokenThreads * i;
+        cp_async_16(dst + (i / kXors) * kSubTileBytes + x[i % kXors], src + (valid ? c * 8 : 0), valid);
       }
       cp_async_commit_group();
     };
-    load_kv(lo, 0);  // commits Q and the first block together
+    if (!kWgmma || cg == 1) load_kv(lo, 0);  // commits Q and the first block together
+    else cp_async_commit_group();
 
     // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
     // live registers make the main loop spill.
@@ -172,7 +180,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       cp_async_wait_all();
       fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
       __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
-      if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
+      if (blk + 1 < hi && (!kWgmma || cg == 1)) load_kv(blk + 1, buf ^ 1);
       const u32 sk = smem_u32(smem.kv[buf]);
 
       // ---- S = Q K^T for 16 rows x kSTokens tokens, by the warps that own S ----
