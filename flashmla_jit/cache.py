@@ -85,7 +85,7 @@ def key_parts(spec) -> list:
         ("source", spec.source),
         ("name_expression", spec.name_expression),
         ("options", list(compiler.compile_options(spec))),
-        ("nvrtc", list(compiler.nvrtc_version())),
+        ("nvrtc", compiler.nvrtc_identity()),
         ("kernel_sources", compiler.source_fingerprint()),
         ("env", [list(kv) for kv in settings.get().codegen_env]),
     ]

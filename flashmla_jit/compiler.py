@@ -86,6 +86,23 @@ def nvrtc_version() -> tuple[int, int]:
     return (int(major), int(minor))
 
 
+@functools.lru_cache(maxsize=None)
+def nvrtc_identity() -> str:
+    """Which NVRTC compiles, for the cache key.
+
+    When NVRTC comes from its pip wheel (the one cuda-bindings of this major version
+    loads first), its exact distribution version names it without loading the library,
+    which would cost ~40 ms of every warm start; otherwise ask the library itself.
+    """
+    from importlib import metadata
+    try:
+        bindings_major = int(metadata.version("cuda-bindings").split(".")[0])
+        dist = "nvidia-cuda-nvrtc-cu12" if bindings_major == 12 else "nvidia-cuda-nvrtc"
+        return f"{dist}=={metadata.version(dist)}"
+    except (metadata.PackageNotFoundError, ValueError):
+        return "nvrtc " + ".".join(map(str, nvrtc_version()))
+
+
 def compile_options(spec) -> tuple[str, ...]:
     # No --use_fast_math: the kernels choose their approximate math explicitly.
     # No CUDA include dirs: the kernels use only NVRTC built-ins and inline PTX.

@@ -56,7 +56,7 @@ def test_key_changes_with_everything_that_builds_the_binary(cache_root, monkeypa
     changes = [
         (compiler, "source_fingerprint", lambda: "0" * 64),              # kernel headers
         (compiler, "compile_options", lambda s: ("--gpu-architecture=sm_90a", "-O2")),
-        (compiler, "nvrtc_version", lambda: (99, 1)),
+        (compiler, "nvrtc_identity", lambda: "nvidia-cuda-nvrtc==99.1.0"),
         (cache, "package_version", lambda: "9.9.9"),
     ]
     for module, attr, fake in changes:

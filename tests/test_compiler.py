@@ -18,6 +18,14 @@ def test_kernel_dir_holds_the_headers():
     assert (compiler.kernel_dir() / "flashmla" / "decode.cuh").is_file()
 
 
+def test_nvrtc_identity_names_the_loaded_nvrtc():
+    # a wheel's exact version, whose major.minor is what the loaded library reports
+    identity = compiler.nvrtc_identity()
+    major, minor = compiler.nvrtc_version()
+    assert identity.startswith("nvidia-cuda-nvrtc") or identity.startswith("nvrtc ")
+    assert identity.split("==")[-1].split(" ")[-1].startswith(f"{major}.{minor}")
+
+
 def test_nvrtc_version_is_a_pair_of_ints():
     major, minor = compiler.nvrtc_version()
     assert (major, minor) >= (12, 8)
