@@ -108,13 +108,14 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
-                           causal: bool = False):
+                           causal: bool = False, *, out=None, lse=None):
     """MLA decode attention over a paged KV cache (FlashMLA's semantics).
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
     head_dim_v columns; block_table (b, max_blocks) int32; cache_seqlens (b,) int32;
     metadata from get_mla_metadata. Returns out (b, s_q, h_q, head_dim_v) in q's dtype
     and lse (b, h_q, s_q) float32 (natural log; +inf where a query sees no key).
+    `out` / `lse` may be given (caller-owned buffers of those shapes, written in place).
     """
     qt = describe(q, "q")
     kt = describe(k_cache, "k_cache")
@@ -165,20 +166,34 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         raise ValueError(f"num_splits has shape {ns.shape}: metadata made for batch {ns.shape[0] - 1 if ns.ndim == 1 else '?'}, "
                          f"but q has batch {batch} (expected ({batch + 1},)); call get_mla_metadata for this batch")
     _check_contiguous(ns, "num_splits")
-    device = _check_device({"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
-                            "tile_scheduler_metadata": sched, "num_splits": ns})
+    arrays = {"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
+              "tile_scheduler_metadata": sched, "num_splits": ns}
+    if out is not None:
+        arrays["out"] = ot = describe(out, "out")
+        _check_dtype(ot, "out", (qt.dtype,))
+        if ot.shape != (batch, s_q, h_q, head_dim_v):
+            raise ValueError(f"out must have shape {(batch, s_q, h_q, head_dim_v)}, got {ot.shape}")
+        _check_last_dim_contiguous(ot, "out")
+        _check_16_byte_rows(ot, "out", (0, 1, 2))
+    if lse is not None:
+        arrays["lse"] = lt = describe(lse, "lse")
+        _check_dtype(lt, "lse", ("fp32",))
+        if lt.shape != (batch, h_q, s_q):
+            raise ValueError(f"lse must have shape {(batch, h_q, s_q)}, got {lt.shape}")
+        _check_contiguous(lt, "lse")
+    device = _check_device(arrays)
     if settings.get().validate:
         _validate_on_host(bt, sl, page_size, num_pages)
 
     out, lse, scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v,
-                                                  softmax_scale, causal)
+                                                  softmax_scale, causal, out, lse)
     from . import driver
     for launch in launches:
         driver.launch(*launch)
     return out, lse
 
 
-def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal):
+def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, out=None, lse=None):
     """Outputs, scratch and the (spec, device, grid, params, stream) of each launch.
 
     Kept apart from the launches so tools/bench.py can time the raw launches alone. The
@@ -193,15 +208,17 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     num_parts = sched.shape[0]
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    out = empty(qt, (batch, s_q, h_q, head_dim_v), qt.dtype)
-    lse = empty(qt, (batch, h_q, s_q), "fp32")
+    if out is None:
+        out = empty(qt, (batch, s_q, h_q, head_dim_v), qt.dtype)
+    if lse is None:
+        lse = empty(qt, (batch, h_q, s_q), "fp32")
+    o_strides = describe(out, "out").strides[:3]
     # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
     # Each cut between parts adds at most one piece to the batch's count.
     partial_rows = (batch + num_parts) * h_kv * rows
     scratch = empty(qt, (partial_rows * (head_dim_v + 1),), "fp32")
     o_accum = _ptr(scratch)
     lse_accum = o_accum + partial_rows * head_dim_v * 4
-    o_strides = (s_q * h_q * head_dim_v, h_q * head_dim_v, head_dim_v)
     stream = current_stream(qt)
 
     decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)

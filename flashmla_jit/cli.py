@@ -35,11 +35,22 @@ def _positive(text: str) -> int:
     return value
 
 
+def _head_dims(text: str) -> tuple:
+    try:
+        dims = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        dims = ()
+    if dims not in specs.SUPPORTED_HEAD_DIMS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a supported D,DV pair: " + " ".join(f"{d},{v}" for d, v in specs.SUPPORTED_HEAD_DIMS))
+    return dims
+
+
 def select_specs(args) -> list:
     """The variants the flags name, derived the way the runtime derives them."""
     if args.all:
         return specs.all_specs()
-    if not (args.dtype or args.causal or args.heads or args.s_q):
+    if not (args.dtype or args.causal or args.heads or args.s_q or args.head_dims):
         return specs.default_specs()
     dtypes = args.dtype or ["bf16"]
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal or "both"]
@@ -49,7 +60,7 @@ def select_specs(args) -> list:
     s_qs = args.s_q or [2]
     out = [specs.METADATA_SPEC]
     for dtype in dtypes:
-        for d, dv in specs.SUPPORTED_HEAD_DIMS:
+        for d, dv in args.head_dims or [specs.DEEPSEEK_HEAD_DIMS]:
             for c, s_q in itertools.product(causals, s_qs):
                 rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
                 out += [specs.decode_spec(dtype, d, dv, c, s_q, r) for r in rows]
@@ -151,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="query heads per KV head (repeatable): picks the query-tile height")
     pre.add_argument("--s-q", action="append", type=_positive, metavar="S",
                      help="query tokens per sequence (repeatable; s_q=1 needs no causal)")
+    pre.add_argument("--head-dims", action="append", type=_head_dims, metavar="D,DV",
+                     help="q/k head dim and v head dim (repeatable; default 576,512; supported: "
+                          + " ".join(f"{d},{v}" for d, v in specs.SUPPORTED_HEAD_DIMS) + ")")
     pre.add_argument("--all", action="store_true", help="every supported variant")
     pre.add_argument("--jobs", "-j", type=_positive, default=_cpu_count(),
                      help="parallel compiles (default: CPU count)")

@@ -17,8 +17,11 @@ DTYPES = {"bf16": "flashmla::bf16_t", "fp16": "flashmla::fp16_t"}
 
 # Head dims the templates are written for: (d, dv). d is the K/Q row (latent + rope),
 # dv the V row (a prefix of K). The kernels need d % 64 == 0 (128-byte swizzle atoms
-# of 64 elements) and dv % 128 == 0 (the combine kernel's 4-column lane chunks).
-SUPPORTED_HEAD_DIMS = ((576, 512),)
+# of 64 elements) and dv = 512 (the 64-row tile's two m64n256 halves; 16 and 32-row
+# tiles give each warp a whole number of 64-column sub-tiles). (576, 512) is DeepSeek
+# V2/V3's latent 512 + rope 64; (512, 512) is a latent cache with no rope part.
+SUPPORTED_HEAD_DIMS = ((576, 512), (512, 512))
+DEEPSEEK_HEAD_DIMS = (576, 512)
 
 TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
 BLOCK_N = 64            # KV tokens per main-loop block
@@ -136,7 +139,7 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
 
 def default_specs():
     """What common models use: bf16, DeepSeek's 576/512, causal and not."""
-    return specs_for(dtypes=("bf16",))
+    return specs_for(dtypes=("bf16",), head_dims=(DEEPSEEK_HEAD_DIMS,))
 
 
 def all_specs():

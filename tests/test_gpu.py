@@ -32,9 +32,9 @@ def poison_allocator(*shapes_dtypes):
         torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
 
 
-def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda", page_size=64):
+def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda", page_size=64, d=576):
     q, k_cache, block_table, seqlens_t = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, device=device,
-                                                     page_size=page_size)
+                                                     page_size=page_size, d=d)
     sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
     with torch.cuda.device(device):
         poison_allocator(((batch, s_q, h_q, 512), dtype), ((batch, h_q, s_q), torch.float32))
@@ -96,6 +96,27 @@ def test_page_sizes(page_size):
     # the page size is read from k_cache's shape; pages are gathered per token
     run_case(5, 2, 16, 1, [0, 1, 300, 1000, 2049], causal=True, page_size=page_size)
     run_case(3, 1, 128, 1, [77, 4000, 64], causal=False, page_size=page_size)
+
+
+@pytest.mark.parametrize("h_q,s_q", [(16, 1), (16, 2), (128, 1)])
+def test_head_dim_512_without_rope(h_q, s_q):
+    run_case(6, s_q, h_q, 1, [0, 1, 63, 700, 3000, 5000], causal=True, d=512)
+
+
+def test_caller_owned_out_and_lse():
+    batch, s_q, h_q = 5, 2, 32
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [0, 50, 4000, 129, 9000])
+    sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
+    # out as a strided view into a wider buffer: the kernels honour its strides
+    wide = torch.full((batch, s_q, h_q, 640), float("nan"), dtype=q.dtype, device="cuda")
+    out = wide[..., :512]
+    lse = torch.full((batch, h_q, s_q), float("nan"), device="cuda")
+    got_out, got_lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits,
+                                              causal=True, out=out, lse=lse)
+    assert got_out is out and got_lse is lse
+    assert torch.isnan(wide[..., 512:]).all()  # nothing written outside the view
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, "caller-owned out/lse")
 
 
 def test_seqlen_shorter_than_s_q_sees_nothing():

@@ -45,6 +45,11 @@ CASES = [
     (dict(num_splits=torch.zeros(5, dtype=torch.int32)), ValueError, "metadata made for batch 4, but q has batch 2"),
     (dict(tile_scheduler_metadata=torch.zeros(132, 4, dtype=torch.int32)), ValueError, "tile_scheduler_metadata must come from get_mla_metadata"),
     ({}, ValueError, "q must be on a CUDA device, got cpu"),
+    (dict(out=torch.empty(2, 1, 16, 256, dtype=torch.bfloat16)), ValueError, "out must have shape (2, 1, 16, 512)"),
+    (dict(out=torch.empty(2, 1, 16, 512, dtype=torch.float16)), TypeError, "out must have dtype bf16, got fp16"),
+    (dict(lse=torch.empty(2, 1, 16)), ValueError, "lse must have shape (2, 16, 1)"),
+    (dict(lse=torch.empty(2, 16, 1, dtype=torch.bfloat16)), TypeError, "lse must have dtype fp32"),
+    (dict(lse=torch.empty(2, 16, 2)[..., :1]), ValueError, "lse must be contiguous"),
 ]
 
 
