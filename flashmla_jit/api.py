@@ -108,7 +108,7 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
-                           causal: bool = False, *, out=None, lse=None):
+                           causal: bool = False, *, q_pe=None, k_pe_cache=None, out=None, lse=None):
     """MLA decode attention over a paged KV cache (FlashMLA's semantics).
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
@@ -116,6 +116,9 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     metadata from get_mla_metadata. Returns out (b, s_q, h_q, head_dim_v) in q's dtype
     and lse (b, h_q, s_q) float32 (natural log; +inf where a query sees no key).
     `out` / `lse` may be given (caller-owned buffers of those shapes, written in place).
+    Split inputs: with `q_pe`, q holds only the latent columns (head_dim_v of them) and
+    q_pe the rope columns, instead of one concatenated q; likewise `k_pe_cache` holds the
+    rope columns of a cache whose latent part is k_cache.
     """
     qt = describe(q, "q")
     kt = describe(k_cache, "k_cache")
@@ -129,8 +132,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
     if kt.dtype != qt.dtype:
         raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
-    batch, s_q, h_q, head_dim = qt.shape
-    num_pages, page_size, h_kv, k_dim = kt.shape
+    qpt = _rope_part(q_pe, "q_pe", qt, "q", head_dim_v)
+    kpt = _rope_part(k_pe_cache, "k_pe_cache", kt, "k_cache", head_dim_v)
+    batch, s_q, h_q, head_dim = qt.shape[:3] + (qt.shape[3] + (qpt.shape[3] if qpt else 0),)
+    num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (kt.shape[3] + (kpt.shape[3] if kpt else 0),)
     if k_dim != head_dim:
         raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got k_cache shape {kt.shape}")
     if not isinstance(head_dim_v, int) or (head_dim, head_dim_v) not in SUPPORTED_HEAD_DIMS:
@@ -168,6 +173,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_contiguous(ns, "num_splits")
     arrays = {"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
               "tile_scheduler_metadata": sched, "num_splits": ns}
+    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt)) if t is not None})
     if out is not None:
         arrays["out"] = ot = describe(out, "out")
         _check_dtype(ot, "out", (qt.dtype,))
@@ -186,14 +192,15 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         _validate_on_host(bt, sl, page_size, num_pages)
 
     out, lse, scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v,
-                                                  softmax_scale, causal, out, lse)
+                                                  softmax_scale, causal, out, lse, qpt, kpt)
     from . import driver
     for launch in launches:
         driver.launch(*launch)
     return out, lse
 
 
-def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, out=None, lse=None):
+def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, out=None, lse=None,
+                    qpt=None, kpt=None):
     """Outputs, scratch and the (spec, device, grid, params, stream) of each launch.
 
     Kept apart from the launches so tools/bench.py can time the raw launches alone. The
@@ -201,9 +208,13 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     ordered, so releasing it afterwards is safe).
     """
     from .params import CombineParams, DecodeParams
-    batch, s_q, h_q, head_dim = qt.shape
+    batch, s_q, h_q, _ = qt.shape
     num_pages, page_size, h_kv, _ = kt.shape
+    head_dim = qt.shape[3] + (qpt.shape[3] if qpt else 0)
     heads_per_kv = h_q // h_kv
+    # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
+    q_pe, q_pe_strides = (qpt.ptr, qpt.strides[:3]) if qpt else (qt.ptr + 2 * head_dim_v, qt.strides[:3])
+    k_pe, k_pe_strides = (kpt.ptr, kpt.strides[:3]) if kpt else (kt.ptr + 2 * head_dim_v, kt.strides[:3])
     rows = s_q * heads_per_kv
     num_parts = sched.shape[0]
     if softmax_scale is None:
@@ -223,8 +234,8 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
 
     decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
     params = DecodeParams(
-        qt.ptr, kt.ptr, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), o_accum, lse_accum,
-        *qt.strides[:3], *kt.strides[:3], bt.strides[0], *o_strides,
+        qt.ptr, kt.ptr, q_pe, k_pe, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), o_accum, lse_accum,
+        *qt.strides[:3], *kt.strides[:3], *q_pe_strides, *k_pe_strides, bt.strides[0], *o_strides,
         batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
         softmax_scale * math.log2(math.e))
     combine = combine_spec(qt.dtype, head_dim, head_dim_v)
@@ -236,6 +247,23 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
         (combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream),
     ]
     return out, lse, scratch, launches
+
+
+def _rope_part(x, name: str, main: Tensor, main_name: str, head_dim_v: int) -> Tensor | None:
+    """Describe and check a split rope tensor (q_pe, k_pe_cache) against its latent part."""
+    if x is None:
+        return None
+    t = describe(x, name)
+    if t.dtype != main.dtype:
+        raise TypeError(f"{name} must have {main_name}'s dtype {main.dtype}, got {t.dtype}")
+    if t.ndim != 4 or t.shape[:3] != main.shape[:3]:
+        raise ValueError(f"{name} must have shape {main.shape[:3]} + (rope_dim,) like {main_name}, got {t.shape}")
+    if main.shape[3] != head_dim_v:
+        raise ValueError(f"with {name} given, {main_name} holds the latent columns only: its last dim must be "
+                         f"head_dim_v = {head_dim_v}, got {main.shape[3]}")
+    _check_last_dim_contiguous(t, name)
+    _check_16_byte_rows(t, name, (0, 1, 2))
+    return t
 
 
 def _ptr(array) -> int:

@@ -14,10 +14,12 @@ F = ctypes.c_double
 
 class DecodeParams(ctypes.Structure):
     _fields_ = [
-        ("q", P), ("k", P), ("block_table", P), ("seqlens", P), ("sched", P), ("num_splits", P),
+        ("q", P), ("k", P), ("q_pe", P), ("k_pe", P), ("block_table", P), ("seqlens", P), ("sched", P), ("num_splits", P),
         ("out", P), ("lse", P), ("o_accum", P), ("lse_accum", P),
         ("q_batch_stride", I), ("q_seq_stride", I), ("q_head_stride", I),
         ("k_page_stride", I), ("k_row_stride", I), ("k_head_stride", I),
+        ("q_pe_batch_stride", I), ("q_pe_seq_stride", I), ("q_pe_head_stride", I),
+        ("k_pe_page_stride", I), ("k_pe_row_stride", I), ("k_pe_head_stride", I),
         ("bt_batch_stride", I),
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I),

@@ -119,6 +119,21 @@ def test_caller_owned_out_and_lse():
     assert_close(out, lse, ref_out, ref_lse, "caller-owned out/lse")
 
 
+@pytest.mark.parametrize("split_q,split_k", [(True, False), (False, True), (True, True)])
+def test_split_latent_and_rope_inputs(split_q, split_k):
+    batch, s_q, h_q = 4, 2, 64
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [3000, 0, 65, 7000])
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
+    # separate tensors (fresh storage, so nothing can read them as one concatenated row)
+    args = dict(q_pe=q[..., 512:].clone() if split_q else None,
+                k_pe_cache=k_cache[..., 512:].clone() if split_k else None)
+    q_in = q[..., :512].clone() if split_q else q
+    k_in = k_cache[..., :512].clone() if split_k else k_cache
+    out, lse = flash_mla_with_kvcache(q_in, k_in, block_table, seqlens, 512, sched, splits, causal=True, **args)
+    assert_close(out, lse, ref_out, ref_lse, f"split q={split_q} k={split_k}")
+
+
 def test_seqlen_shorter_than_s_q_sees_nothing():
     # causal rows with seqlen - s_q + i < 0 see no key: out 0, lse +inf
     run_case(4, 4, 16, 1, [0, 1, 2, 3], causal=True)

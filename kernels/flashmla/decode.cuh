@@ -65,7 +65,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128, 256
   constexpr int kOTiles = kCols / 8;                     // n8 tiles of O per warp
   constexpr int kChunks = kD / 8;                        // 16-byte chunks per K/Q row
-  constexpr int kTokenThreads = (kWgmma ? 128 : kDecodeThreads) / kBlockN;  // KV loader threads per token
+  constexpr int kTokenThreads = kDecodeThreads / kBlockN;  // KV loader threads per token
+  // Columns [0, kDV) (the latent part, which doubles as V) come from q / k, the rest (the
+  // rope part) from q_pe / k_pe: separate tensors, or views into the same rows.
+  constexpr int kLatentChunks = kDV / 8;
+  static_assert(kLatentChunks % kTokenThreads == 0, "a loader thread's chunks are all latent or all rope");
   static_assert(kChunks % 8 == 0, "a token's chunks split evenly over its loader threads");
   static_assert(kCols % 64 == 0, "a warp's O columns span whole swizzle atoms");
   constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
@@ -124,19 +128,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       constexpr int kQThreads = kDecodeThreads / kTileRows;
       const int row = tid / kQThreads, r = m_block * kTileRows + row;
       const bool valid = r < rows;
-      const u16* src = (const u16*)p.q;
-      if (valid) src += req * p.q_batch_stride + (r / hpk) * p.q_seq_stride + (head_kv * hpk + r % hpk) * p.q_head_stride;
+      const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
+      if (valid) {
+        const int s_idx = r / hpk, hq = head_kv * hpk + r % hpk;
+        src += req * p.q_batch_stride + s_idx * p.q_seq_stride + hq * p.q_head_stride;
+        src_pe += req * p.q_pe_batch_stride + s_idx * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
+      }
 #pragma unroll 1  // once per request: not worth registers held across the main loop
       for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
         const int c = tid % kQThreads + kQThreads * i;
-        if (c < kChunks) cp_async_16(sq + 2 * tile_offset<kTileRows>(row, c * 8), valid ? src + c * 8 : src, valid);
+        const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
+        if (c < kChunks) cp_async_16(sq + 2 * tile_offset<kTileRows>(row, c * 8), valid ? chunk : src, valid);
       }
     }
     // ---- KV block loader: kTokenThreads threads per token, page looked up per token ----
-    // (64-row tiles: warpgroup 1 loads while warpgroup 0 starts on S; otherwise all warps.)
     auto load_kv = [&](int blk, int buf) {
-      const int lt = kWgmma ? tid - 128 : tid;                    // loader thread index
-      const int tok_in_blk = lt / kTokenThreads, part = lt % kTokenThreads;
+      const int tok_in_blk = tid / kTokenThreads, part = tid % kTokenThreads;
       const int tok = blk * kBlockN + tok_in_blk;
       bool valid = tok < kv_len;
       i64 page = 0;
@@ -144,8 +151,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
         page = p.block_table[req * p.bt_batch_stride + tok / p.page_size];
         valid = page >= 0 && page < p.num_pages;
       }
-      const u16* src = (const u16*)p.k + (valid ? page * p.k_page_stride + (tok % p.page_size) * p.k_row_stride +
-                                                      head_kv * p.k_head_stride : 0);
+      const i64 row = tok % p.page_size;
+      const u16* src = (const u16*)p.k +
+                       (valid ? page * p.k_page_stride + row * p.k_row_stride + head_kv * p.k_head_stride : 0);
+      const u16* src_pe = (const u16*)p.k_pe +
+                          (valid ? page * p.k_pe_page_stride + row * p.k_pe_row_stride + head_kv * p.k_pe_head_stride : 0);
       // Chunk c = part + kTokenThreads * i lands in sub-tile i / kXors, at one of kXors
       // XOR positions inside its 128-byte row.
       constexpr int kXors = 8 / kTokenThreads;
@@ -155,13 +165,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       for (int k = 0; k < kXors; ++k) x[k] = ((part + kTokenThreads * k) ^ (tok_in_blk % 8)) * 16;
 #pragma unroll
       for (int i = 0; i < kChunks / kTokenThreads; ++i) {
-        const int c = part + kTokenThreads * i;
-        cp_async_16(dst + (i / kXors) * kSubTileBytes + x[i % kXors], src + (valid ? c * 8 : 0), valid);
+        const int c = part + kTokenThreads * i;  // c < kLatentChunks is known at compile time
+        const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
+        cp_async_16(dst + (i / kXors) * kSubTileBytes + x[i % kXors], valid ? chunk : src, valid);
       }
       cp_async_commit_group();
     };
-    if (!kWgmma || cg == 1) load_kv(lo, 0);  // commits Q and the first block together
-    else cp_async_commit_group();
+    load_kv(lo, 0);  // commits Q and the first block together
 
     // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
     // live registers make the main loop spill.
@@ -180,6 +190,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       cp_async_wait_all();
       fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
       __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
+      // 64-row tiles: warpgroup 0 issues its share of the next block's loads only after
+      // its S wgmmas are in flight (loading from 4 warps alone halves the issue rate).
       if (blk + 1 < hi && (!kWgmma || cg == 1)) load_kv(blk + 1, buf ^ 1);
       const u32 sk = smem_u32(smem.kv[buf]);
 
@@ -202,6 +214,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
                                smem_desc(sk + k_off, 0, 1024), ks > 0, T{});
           }
           wgmma_commit_group();
+          if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
           wgmma_wait_group<0>();
         } else {
 #pragma unroll 1

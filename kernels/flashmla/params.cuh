@@ -15,8 +15,10 @@ namespace flashmla {
 constexpr int kSchedRecordInts = 8;
 
 struct DecodeParams {
-  const void* q;              // (batch, s_q, h_q, head_dim), last dim contiguous
-  const void* k;              // (num_pages, page_size, h_kv, head_dim), last dim contiguous
+  const void* q;              // (batch, s_q, h_q, >= head_dim_v): latent columns, last dim contiguous
+  const void* k;              // (num_pages, page_size, h_kv, >= head_dim_v): latent columns (= V)
+  const void* q_pe;           // (batch, s_q, h_q, head_dim - head_dim_v): rope columns
+  const void* k_pe;           // (num_pages, page_size, h_kv, head_dim - head_dim_v): rope columns
   const int* block_table;     // (batch, max_blocks), last dim contiguous
   const int* seqlens;         // (batch,), contiguous
   const int* sched;           // (num_parts, kSchedRecordInts)
@@ -27,6 +29,8 @@ struct DecodeParams {
   float* lse_accum;           // (pieces, h_kv, rows) log2-domain partial lse
   i64 q_batch_stride, q_seq_stride, q_head_stride;        // elements
   i64 k_page_stride, k_row_stride, k_head_stride;         // elements
+  i64 q_pe_batch_stride, q_pe_seq_stride, q_pe_head_stride;
+  i64 k_pe_page_stride, k_pe_row_stride, k_pe_head_stride;
   i64 bt_batch_stride;                                    // elements
   i64 o_batch_stride, o_seq_stride, o_head_stride;        // elements
   i64 batch, s_q, h_q, h_kv;
