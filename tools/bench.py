@@ -62,21 +62,35 @@ def eager_mla(q, k_cache, block_table, s_k, causal):
     return torch.bmm(probs, kv[..., :512]).view(b, s_q, h_q, 512), lse
 
 
-def run_config(batch, s_k, h_q, s_q, varlen, with_eager):
+def graph_of(fn):
+    """Capture fn in a CUDA graph (after a warm-up on a side stream); return its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False):
     gen = torch.Generator().manual_seed(s_k + h_q)
     if varlen:  # normal(mean, mean/2), clipped, as FlashMLA's benchmark
         lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
     else:
         lens = [s_k] * batch
-    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False, page_size=page_size)
     sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
     call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
-    t_ms = bench_ms(call)
+    # Small batches run for tens of microseconds: time graph replays, or host launch time leaks in.
+    t_ms = bench_ms(graph_of(call) if graph else call)
     meta_ms = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))
     total = sum(lens)
     flops = s_q * total * h_q * (576 + 512) * 2
     nbytes = (total * 576 + batch * s_q * h_q * (576 + 512)) * 2
-    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "us": t_ms * 1e3,
+    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "us": t_ms * 1e3,
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
     if with_eager and not varlen:
         try:
@@ -134,7 +148,7 @@ def jit_timings():
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--quick", action="store_true", help="s_k 4096 and 16384 only")
+    ap.add_argument("--quick", action="store_true", help="b=128 at s_k 4096 and 16384 only")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -143,28 +157,40 @@ def main():
     print(f"ceilings: copy {ceil['copy_gbs']:.0f} GB/s, read {ceil['read_gbs']:.0f} GB/s, "
           f"bf16 matmul {ceil['matmul_tflops']:.0f} TFLOPS", flush=True)
     rows = []
-    s_ks = (4096, 16384) if args.quick else (4096, 8192, 16384)
+    s_ks = (4096, 16384) if args.quick else (4096, 8192, 16384, 32768)
+
+    def add(*config, **kw):
+        rows.append(run_config(*config, **kw))
+        print(rows[-1], flush=True)
+
     for s_q in (1, 2):
         for h_q in (16, 32, 64, 128):
             for s_k in s_ks:
-                rows.append(run_config(128, s_k, h_q, s_q, False, True))
-                print(rows[-1], flush=True)
+                add(128, s_k, h_q, s_q, False, s_k <= 16384)
     for s_q, h_q in ((1, 64), (2, 128)):
-        rows.append(run_config(128, 8192, h_q, s_q, True, False))
-        print(rows[-1], flush=True)
+        add(128, 8192, h_q, s_q, True, False)
+    if not args.quick:
+        for batch in (1, 4, 16):  # small batches: split-KV over all SMs
+            for s_k in (32768, 131072):
+                for h_q in (16, 128):
+                    add(batch, s_k, h_q, 1, False, False, graph=True)
+        for page_size in (1, 16):  # page sizes other than FlashMLA's 64 (same rows at 64 above)
+            for h_q in (16, 128):
+                add(128, 8192, h_q, 1, False, False, page_size=page_size)
     jit = jit_timings()
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "ceilings": ceil, "rows": rows, "jit": jit}, f, indent=1)
 
-    print(f"\n== flashmla_jit on {torch.cuda.get_device_name()}: b=128, h_kv=1, causal, bf16 ==")
+    print(f"\n== flashmla_jit on {torch.cuda.get_device_name()}: h_kv=1, causal, bf16 ==")
     print(f"ceilings (same run): copy {ceil['copy_gbs']:.0f} GB/s | read {ceil['read_gbs']:.0f} GB/s | "
           f"matmul {ceil['matmul_tflops']:.0f} TFLOPS")
-    print(f"{'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>6} {'us':>8} {'GB/s':>6} {'%read':>6} {'TFLOPS':>7} "
-          f"{'%mm':>5} {'eager us':>9} {'speedup':>7}")
+    print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'page':>4} {'us':>8} {'GB/s':>6} {'%read':>6} "
+          f"{'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7}")
     for r in rows:
         eager = r.get("eager_us", float("nan"))
-        print(f"{r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>6} {r['us']:>8.1f} "
+        print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>4} "
+              f"{r['page']:>4} {r['us']:>8.1f} "
               f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
               f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x")
     print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")

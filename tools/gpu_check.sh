@@ -2,7 +2,8 @@
 # Every GPU check and the benchmark in one device call:
 #   bash tools/gpu_check.sh [all|tests|sanitize|bench] [bench flags, e.g. --quick]
 # Logs go to $OUT (the device tool brings that folder back) or .out/; a short status
-# table is printed last. Each stage has a time limit so one call fits the device's 10 minutes.
+# table is printed last. Each stage has a time limit; `all` can outlast one 10-minute
+# device call, so run `tests` + `sanitize` in one call and `bench` in the next.
 set -u
 cd "$(dirname "$0")/.."
 stage=${1:-all}; shift || true
@@ -14,21 +15,21 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import cuda.bindings, cupy, torch; print('cuda-bindings', cuda.bindings.__version__, '| cupy', cupy.__version__, '| torch', torch.__version__)"
 
 if [[ $stage == all || $stage == tests ]]; then
-  timeout 300 python3 -m pytest tests -q -rs --timeout 120 2>&1 | tee "$OUT/pytest.log" | tail -40
+  timeout 240 python3 -m pytest tests -q -rs --timeout 120 2>&1 | tee "$OUT/pytest.log" | tail -40
   status+=("pytest: $(tail -1 "$OUT/pytest.log")")
 fi
 if [[ $stage == all || $stage == sanitize ]]; then
   for tool in memcheck racecheck; do
     # --report-api-errors no: cuda-bindings probes cuGetProcAddress for entry points the
     # driver lacks at import, which memcheck would count as errors; kernel accesses are still checked.
-    timeout 150 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 tools/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+    timeout 100 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 tools/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     status+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
     tail -4 "$OUT/sanitizer_$tool.log"
   done
 fi
 if [[ $stage == all || $stage == bench ]]; then
-  timeout 300 python3 tools/bench.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40
+  timeout 420 python3 tools/bench.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40
   status+=("bench: exit ${PIPESTATUS[0]}")
   timeout 60 python3 tools/host_profile.py > "$OUT/host_profile.log" 2>&1
 fi
