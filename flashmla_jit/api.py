@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
+from .spec import (BLOCK_N, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
                    decode_spec, tile_rows_for)
 from .tensors import Tensor, current_stream, describe, empty
 
@@ -241,10 +241,9 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     combine = combine_spec(qt.dtype, head_dim, head_dim_v)
     cparams = CombineParams(ns.ptr, o_accum, lse_accum, _ptr(out), _ptr(lse), *o_strides,
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
-    warps_per_cta = COMBINE_THREADS // 32
     launches = [
         (decode, device, (math.ceil(rows / decode.tile_rows), h_kv, num_parts), params, stream),
-        (combine, device, (math.ceil(batch * h_kv * rows / warps_per_cta), 1, 1), cparams, stream),
+        (combine, device, (batch * h_kv * rows, 1, 1), cparams, stream),  # one CTA per output row
     ]
     return out, lse, scratch, launches
 
