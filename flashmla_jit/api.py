@@ -76,6 +76,14 @@ def _num_parts(device: int, rows: int, h_kv: int) -> int:
 
 # ---- public API -----------------------------------------------------------------------
 
+def _compiling(x) -> bool:
+    """Inside a torch.compile trace of torch tensors: go through torch.ops.flashmla_jit.*"""
+    if type(x).__module__.split(".")[0] != "torch":
+        return False
+    import torch
+    return torch.compiler.is_compiling()
+
+
 def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int):
     """Split-KV schedule for one decode step, computed on the GPU.
 
@@ -83,6 +91,9 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
     (query rows per KV head). num_heads_k: h_kv. Returns (tile_scheduler_metadata
     (num_parts, 8) int32, num_splits (batch + 1,) int32) in the caller's framework.
     """
+    if _compiling(cache_seqlens):
+        import torch
+        return torch.ops.flashmla_jit.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     seqlens = describe(cache_seqlens, "cache_seqlens")
     _check_dtype(seqlens, "cache_seqlens", ("int32",))
     _check_rank(seqlens, "cache_seqlens", 1, "(batch,)")
@@ -120,6 +131,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     q_pe the rope columns, instead of one concatenated q; likewise `k_pe_cache` holds the
     rope columns of a cache whose latent part is k_cache.
     """
+    if _compiling(q) and all(x is None for x in (q_pe, k_pe_cache, out, lse)):
+        import torch
+        return torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
+                                                             tile_scheduler_metadata, num_splits, softmax_scale,
+                                                             causal)
     qt = describe(q, "q")
     kt = describe(k_cache, "k_cache")
     bt = describe(block_table, "block_table")

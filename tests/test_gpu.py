@@ -194,6 +194,22 @@ def test_metadata_matches_python_model():
         assert sched.cpu().tolist() == exp_sched
 
 
+def test_torch_compile_fullgraph_traces_the_ops():
+    batch, s_q, h_q = 4, 2, 16
+    q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [500, 0, 4000, 64])
+
+    def step(q, k_cache, block_table, seqlens):
+        sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+        return out * 2, lse
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out2, lse = compiled(q, k_cache, block_table, seqlens)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    assert_close(out2 / 2, lse, ref_out, ref_lse, "torch.compile")
+
+
 def test_second_gpu():
     if torch.cuda.device_count() < 2:
         pytest.skip("only one GPU on this machine")

@@ -1,0 +1,36 @@
+"""torch.ops.flashmla_jit.*: registered on first torch use, with shape (fake) functions."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import flashmla_jit.torch_ops  # noqa: E402,F401  (registers the ops)
+
+
+def test_decode_op_shapes_on_meta_tensors():
+    # Meta tensors dispatch to the fake implementation: shapes and dtypes, no GPU needed.
+    q = torch.empty(3, 2, 16, 576, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(10, 64, 1, 576, dtype=torch.bfloat16, device="meta")
+    table = torch.empty(3, 4, dtype=torch.int32, device="meta")
+    lens = torch.empty(3, dtype=torch.int32, device="meta")
+    sched = torch.empty(132, 8, dtype=torch.int32, device="meta")
+    splits = torch.empty(4, dtype=torch.int32, device="meta")
+    out, lse = torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k, table, lens, 512, sched, splits, None, True)
+    assert out.shape == (3, 2, 16, 512) and out.dtype == torch.bfloat16 and out.device.type == "meta"
+    assert lse.shape == (3, 16, 2) and lse.dtype == torch.float32
+
+
+def test_first_torch_call_registers_the_ops():
+    code = ("import torch, flashmla_jit, sys; assert not hasattr(torch.ops.flashmla_jit, 'flash_mla_with_kvcache');"
+            "import pytest\n"
+            "try:\n"
+            "    flashmla_jit.get_mla_metadata(torch.zeros(2, dtype=torch.int32), 16, 1)\n"
+            "except ValueError: pass\n"
+            "print(hasattr(torch.ops.flashmla_jit, 'flash_mla_with_kvcache'))")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert res.stdout.strip() == "True", res.stdout + res.stderr
