@@ -119,19 +119,23 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
 
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
-                           causal: bool = False, *, q_pe=None, k_pe_cache=None, out=None, lse=None):
+                           causal: bool = False, *, q_pe=None, k_pe_cache=None, cu_seqlens_q=None,
+                           max_seqlen_q: int | None = None, out=None, lse=None):
     """MLA decode attention over a paged KV cache (FlashMLA's semantics).
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
     head_dim_v columns; block_table (b, max_blocks) int32; cache_seqlens (b,) int32;
     metadata from get_mla_metadata. Returns out (b, s_q, h_q, head_dim_v) in q's dtype
     and lse (b, h_q, s_q) float32 (natural log; +inf where a query sees no key).
-    `out` / `lse` may be given (caller-owned buffers of those shapes, written in place).
-    Split inputs: with `q_pe`, q holds only the latent columns (head_dim_v of them) and
-    q_pe the rope columns, instead of one concatenated q; likewise `k_pe_cache` holds the
-    rope columns of a cache whose latent part is k_cache.
+
+    Ragged queries: with cu_seqlens_q ((b + 1,) int32) and max_seqlen_q, q is packed as
+    (total_q, h_q, d), request i owning tokens [cu[i], cu[i+1]) (causal per request,
+    end-aligned); out is (total_q, h_q, head_dim_v) and lse (h_q, total_q).
+    Split inputs: with q_pe, q holds only the latent columns (head_dim_v of them) and q_pe
+    the rope columns; likewise k_pe_cache holds the rope columns of a cache whose latent
+    part is k_cache. out / lse may be caller-owned buffers of the shapes above.
     """
-    if _compiling(q) and all(x is None for x in (q_pe, k_pe_cache, out, lse)):
+    if _compiling(q) and all(x is None for x in (q_pe, k_pe_cache, cu_seqlens_q, out, lse)):
         import torch
         return torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                              tile_scheduler_metadata, num_splits, softmax_scale,
@@ -142,15 +146,24 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     sl = describe(cache_seqlens, "cache_seqlens")
     sched = describe(tile_scheduler_metadata, "tile_scheduler_metadata")
     ns = describe(num_splits, "num_splits")
+    cu = describe(cu_seqlens_q, "cu_seqlens_q") if cu_seqlens_q is not None else None
 
     _check_dtype(qt, "q", ("bf16", "fp16"))
-    _check_rank(qt, "q", 4, "(batch, s_q, h_q, head_dim)")
+    if cu is not None:
+        _check_rank(qt, "q", 3, "(total_q, h_q, head_dim) with cu_seqlens_q")
+        if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 1:
+            raise ValueError(f"max_seqlen_q must be a positive int with cu_seqlens_q, got {max_seqlen_q!r}")
+        _check_rank(sl, "cache_seqlens", 1, "(batch,)")
+        (total_q, h_q, q_dim), batch, s_q = qt.shape, sl.shape[0], max_seqlen_q
+    else:
+        _check_rank(qt, "q", 4, "(batch, s_q, h_q, head_dim)")
+        batch, s_q, h_q, q_dim = qt.shape
     _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
     if kt.dtype != qt.dtype:
         raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
     qpt = _rope_part(q_pe, "q_pe", qt, "q", head_dim_v)
     kpt = _rope_part(k_pe_cache, "k_pe_cache", kt, "k_cache", head_dim_v)
-    batch, s_q, h_q, head_dim = qt.shape[:3] + (qt.shape[3] + (qpt.shape[3] if qpt else 0),)
+    head_dim = q_dim + (qpt.shape[-1] if qpt else 0)
     num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (kt.shape[3] + (kpt.shape[3] if kpt else 0),)
     if k_dim != head_dim:
         raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got k_cache shape {kt.shape}")
@@ -160,10 +173,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if min(batch, s_q, h_q) < 1 or min(num_pages, page_size, h_kv) < 1:
         raise ValueError(f"q and k_cache must have no empty dimension, got q {qt.shape}, k_cache {kt.shape}")
     if h_q % h_kv:
-        raise ValueError(f"h_q ({h_q}, q.shape[2]) must be a multiple of h_kv ({h_kv}, k_cache.shape[2])")
+        raise ValueError(f"h_q ({h_q}, q.shape[-2]) must be a multiple of h_kv ({h_kv}, k_cache.shape[2])")
     _check_last_dim_contiguous(qt, "q")
     _check_last_dim_contiguous(kt, "k_cache")
-    _check_16_byte_rows(qt, "q", (0, 1, 2))
+    _check_16_byte_rows(qt, "q", range(qt.ndim - 1))
     _check_16_byte_rows(kt, "k_cache", (0, 1, 2))
 
     _check_dtype(bt, "block_table", ("int32",))
@@ -175,6 +188,11 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     if sl.shape != (batch,):
         raise ValueError(f"cache_seqlens must have shape ({batch},) (q's batch), got {sl.shape}")
     _check_contiguous(sl, "cache_seqlens")
+    if cu is not None:
+        _check_dtype(cu, "cu_seqlens_q", ("int32",))
+        if cu.shape != (batch + 1,):
+            raise ValueError(f"cu_seqlens_q must have shape ({batch + 1},) (batch + 1), got {cu.shape}")
+        _check_contiguous(cu, "cu_seqlens_q")
 
     from .params import SCHED_RECORD_INTS
     _check_dtype(sched, "tile_scheduler_metadata", ("int32",))
@@ -189,57 +207,68 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_contiguous(ns, "num_splits")
     arrays = {"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
               "tile_scheduler_metadata": sched, "num_splits": ns}
-    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt)) if t is not None})
+    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt), ("cu_seqlens_q", cu)) if t})
+    out_shape = qt.shape[:-1] + (head_dim_v,)
+    lse_shape = (h_q, total_q) if cu is not None else (batch, h_q, s_q)
     if out is not None:
         arrays["out"] = ot = describe(out, "out")
         _check_dtype(ot, "out", (qt.dtype,))
-        if ot.shape != (batch, s_q, h_q, head_dim_v):
-            raise ValueError(f"out must have shape {(batch, s_q, h_q, head_dim_v)}, got {ot.shape}")
+        if ot.shape != out_shape:
+            raise ValueError(f"out must have shape {out_shape}, got {ot.shape}")
         _check_last_dim_contiguous(ot, "out")
-        _check_16_byte_rows(ot, "out", (0, 1, 2))
+        _check_16_byte_rows(ot, "out", range(ot.ndim - 1))
     if lse is not None:
         arrays["lse"] = lt = describe(lse, "lse")
         _check_dtype(lt, "lse", ("fp32",))
-        if lt.shape != (batch, h_q, s_q):
-            raise ValueError(f"lse must have shape {(batch, h_q, s_q)}, got {lt.shape}")
+        if lt.shape != lse_shape:
+            raise ValueError(f"lse must have shape {lse_shape}, got {lt.shape}")
         _check_contiguous(lt, "lse")
     device = _check_device(arrays)
     if settings.get().validate:
         _validate_on_host(bt, sl, page_size, num_pages)
+        if cu is not None:
+            _validate_cu_seqlens(cu, total_q, max_seqlen_q)
 
-    out, lse, scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v,
-                                                  softmax_scale, causal, out, lse, qpt, kpt)
+    if out is None:
+        out = empty(qt, out_shape, qt.dtype)
+    if lse is None:
+        lse = empty(qt, lse_shape, "fp32")
+    scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal,
+                                        describe(out, "out"), describe(lse, "lse"), qpt, kpt, cu, s_q)
     from . import driver
     for launch in launches:
         driver.launch(*launch)
     return out, lse
 
 
-def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, out=None, lse=None,
-                    qpt=None, kpt=None):
-    """Outputs, scratch and the (spec, device, grid, params, stream) of each launch.
+def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, ot, lt,
+                    qpt=None, kpt=None, cu=None, s_q=None):
+    """Scratch and the (spec, device, grid, params, stream) of each launch, for validated
+    inputs and outputs (described).
 
     Kept apart from the launches so tools/bench.py can time the raw launches alone. The
     caller holds `scratch` until the launches are enqueued (the allocators are stream
     ordered, so releasing it afterwards is safe).
     """
     from .params import CombineParams, DecodeParams
-    batch, s_q, h_q, _ = qt.shape
     num_pages, page_size, h_kv, _ = kt.shape
-    head_dim = qt.shape[3] + (qpt.shape[3] if qpt else 0)
+    batch, h_q = sl.shape[0], qt.shape[-2]
+    if cu is None:
+        s_q = qt.shape[1]
+    head_dim = qt.shape[-1] + (qpt.shape[-1] if qpt else 0)
     heads_per_kv = h_q // h_kv
-    # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
-    q_pe, q_pe_strides = (qpt.ptr, qpt.strides[:3]) if qpt else (qt.ptr + 2 * head_dim_v, qt.strides[:3])
-    k_pe, k_pe_strides = (kpt.ptr, kpt.strides[:3]) if kpt else (kt.ptr + 2 * head_dim_v, kt.strides[:3])
     rows = s_q * heads_per_kv
+
+    def bsh(t):  # (batch, token, head) strides; packed ragged tokens have no batch stride
+        return (0, *t.strides[:2]) if cu is not None else t.strides[:3]
+
+    # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
+    q_pe, q_pe_strides = (qpt.ptr, bsh(qpt)) if qpt else (qt.ptr + 2 * head_dim_v, bsh(qt))
+    k_pe, k_pe_strides = (kpt.ptr, kpt.strides[:3]) if kpt else (kt.ptr + 2 * head_dim_v, kt.strides[:3])
+    lse_strides = (0, lt.shape[1], 1) if cu is not None else (h_q * s_q, s_q, 1)  # lse is contiguous
     num_parts = sched.shape[0]
     if softmax_scale is None:
         softmax_scale = head_dim ** -0.5
-    if out is None:
-        out = empty(qt, (batch, s_q, h_q, head_dim_v), qt.dtype)
-    if lse is None:
-        lse = empty(qt, (batch, h_q, s_q), "fp32")
-    o_strides = describe(out, "out").strides[:3]
     # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
     # Each cut between parts adds at most one piece to the batch's count.
     partial_rows = (batch + num_parts) * h_kv * rows
@@ -247,21 +276,22 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     o_accum = _ptr(scratch)
     lse_accum = o_accum + partial_rows * head_dim_v * 4
     stream = current_stream(qt)
+    cu_ptr = cu.ptr if cu is not None else 0
 
     decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
     params = DecodeParams(
-        qt.ptr, kt.ptr, q_pe, k_pe, bt.ptr, sl.ptr, sched.ptr, ns.ptr, _ptr(out), _ptr(lse), o_accum, lse_accum,
-        *qt.strides[:3], *kt.strides[:3], *q_pe_strides, *k_pe_strides, bt.strides[0], *o_strides,
+        qt.ptr, kt.ptr, q_pe, k_pe, bt.ptr, sl.ptr, cu_ptr, sched.ptr, ns.ptr, ot.ptr, lt.ptr, o_accum, lse_accum,
+        *bsh(qt), *kt.strides[:3], *q_pe_strides, *k_pe_strides, bt.strides[0], *bsh(ot), *lse_strides,
         batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
         softmax_scale * math.log2(math.e))
     combine = combine_spec(qt.dtype, head_dim, head_dim_v)
-    cparams = CombineParams(ns.ptr, o_accum, lse_accum, _ptr(out), _ptr(lse), *o_strides,
+    cparams = CombineParams(ns.ptr, cu_ptr, o_accum, lse_accum, ot.ptr, lt.ptr, *bsh(ot), *lse_strides,
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
     launches = [
         (decode, device, (math.ceil(rows / decode.tile_rows), h_kv, num_parts), params, stream),
         (combine, device, (batch * h_kv * rows, 1, 1), cparams, stream),  # one CTA per output row
     ]
-    return out, lse, scratch, launches
+    return scratch, launches
 
 
 def _rope_part(x, name: str, main: Tensor, main_name: str, head_dim_v: int) -> Tensor | None:
@@ -271,13 +301,13 @@ def _rope_part(x, name: str, main: Tensor, main_name: str, head_dim_v: int) -> T
     t = describe(x, name)
     if t.dtype != main.dtype:
         raise TypeError(f"{name} must have {main_name}'s dtype {main.dtype}, got {t.dtype}")
-    if t.ndim != 4 or t.shape[:3] != main.shape[:3]:
-        raise ValueError(f"{name} must have shape {main.shape[:3]} + (rope_dim,) like {main_name}, got {t.shape}")
-    if main.shape[3] != head_dim_v:
+    if t.ndim != main.ndim or t.shape[:-1] != main.shape[:-1]:
+        raise ValueError(f"{name} must have shape {main.shape[:-1]} + (rope_dim,) like {main_name}, got {t.shape}")
+    if main.shape[-1] != head_dim_v:
         raise ValueError(f"with {name} given, {main_name} holds the latent columns only: its last dim must be "
-                         f"head_dim_v = {head_dim_v}, got {main.shape[3]}")
+                         f"head_dim_v = {head_dim_v}, got {main.shape[-1]}")
     _check_last_dim_contiguous(t, name)
-    _check_16_byte_rows(t, name, (0, 1, 2))
+    _check_16_byte_rows(t, name, range(t.ndim - 1))
     return t
 
 
@@ -302,6 +332,17 @@ def _validate_on_host(bt: Tensor, sl: Tensor, page_size: int, num_pages: int):
         if need and (used.min() < 0 or used.max() >= num_pages):
             raise ValueError(f"block_table row {i} holds page ids outside [0, {num_pages}) for its "
                              f"{n} tokens: {used.tolist()}")
+
+
+def _validate_cu_seqlens(cu: Tensor, total_q: int, max_seqlen_q: int):
+    """FLASHMLA_JIT_VALIDATE=1: cu_seqlens_q starts at 0, never decreases, ends at total_q."""
+    starts = _to_host(cu).tolist()
+    counts = [b - a for a, b in zip(starts, starts[1:])]
+    if starts[0] != 0 or starts[-1] != total_q or min(counts) < 0:
+        raise ValueError(f"cu_seqlens_q must rise from 0 to total_q = {total_q}, got {starts}")
+    if max(counts) > max_seqlen_q:
+        raise ValueError(f"cu_seqlens_q has a request of {max(counts)} query tokens, more than "
+                         f"max_seqlen_q = {max_seqlen_q}")
 
 
 def _to_host(t: Tensor):

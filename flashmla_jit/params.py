@@ -14,7 +14,8 @@ F = ctypes.c_double
 
 class DecodeParams(ctypes.Structure):
     _fields_ = [
-        ("q", P), ("k", P), ("q_pe", P), ("k_pe", P), ("block_table", P), ("seqlens", P), ("sched", P), ("num_splits", P),
+        ("q", P), ("k", P), ("q_pe", P), ("k_pe", P), ("block_table", P), ("seqlens", P), ("cu_seqlens_q", P),
+        ("sched", P), ("num_splits", P),
         ("out", P), ("lse", P), ("o_accum", P), ("lse_accum", P),
         ("q_batch_stride", I), ("q_seq_stride", I), ("q_head_stride", I),
         ("k_page_stride", I), ("k_row_stride", I), ("k_head_stride", I),
@@ -22,6 +23,7 @@ class DecodeParams(ctypes.Structure):
         ("k_pe_page_stride", I), ("k_pe_row_stride", I), ("k_pe_head_stride", I),
         ("bt_batch_stride", I),
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
+        ("lse_batch_stride", I), ("lse_head_stride", I), ("lse_seq_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I),
         ("heads_per_kv", I), ("rows", I),
         ("page_size", I), ("num_pages", I), ("max_blocks", I),
@@ -31,8 +33,9 @@ class DecodeParams(ctypes.Structure):
 
 class CombineParams(ctypes.Structure):
     _fields_ = [
-        ("num_splits", P), ("o_accum", P), ("lse_accum", P), ("out", P), ("lse", P),
+        ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P), ("out", P), ("lse", P),
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
+        ("lse_batch_stride", I), ("lse_head_stride", I), ("lse_seq_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I), ("heads_per_kv", I), ("rows", I),
     ]
 

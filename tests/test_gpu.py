@@ -4,6 +4,7 @@ Run on the device through tools/gpu_check.sh; on a machine without one every tes
 here skips with the reason.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -132,6 +133,29 @@ def test_split_latent_and_rope_inputs(split_q, split_k):
     k_in = k_cache[..., :512].clone() if split_k else k_cache
     out, lse = flash_mla_with_kvcache(q_in, k_in, block_table, seqlens, 512, sched, splits, causal=True, **args)
     assert_close(out, lse, ref_out, ref_lse, f"split q={split_q} k={split_k}")
+
+
+@pytest.mark.parametrize("h_q,causal", [(16, True), (128, True), (32, False)])
+def test_ragged_queries(h_q, causal):
+    counts = [1, 3, 0, 2, 4, 4]                      # query tokens per request (MTP / speculative)
+    seqlens = [300, 5000, 100, 1, 2048, 70]          # request 3 sees fewer keys than its tokens
+    batch, total_q = len(counts), sum(counts)
+    _, k_cache, block_table, seqlens_t = make_inputs(batch, 1, h_q, 1, seqlens)
+    q = torch.randn(total_q, h_q, 576, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device="cuda")
+    sched, splits = get_mla_metadata(seqlens_t, max(counts) * h_q, 1)
+    out = torch.full((total_q, h_q, 512), float("nan"), dtype=q.dtype, device="cuda")
+    lse = torch.full((h_q, total_q), float("nan"), device="cuda")
+    flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, splits, causal=causal,
+                           cu_seqlens_q=cu, max_seqlen_q=max(counts), out=out, lse=lse)
+    ref_out = torch.zeros(total_q, h_q, 512, device="cuda")
+    ref_lse = torch.zeros(h_q, total_q, device="cuda")
+    for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        if a == b:
+            continue
+        o, l = reference(q[None, a:b], k_cache, block_table[i:i + 1], seqlens_t[i:i + 1], 512, causal=causal)
+        ref_out[a:b], ref_lse[:, a:b] = o[0], l[0]
+    assert_close(out, lse, ref_out, ref_lse, f"ragged h_q={h_q}")
 
 
 def test_seqlen_shorter_than_s_q_sees_nothing():

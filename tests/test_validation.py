@@ -34,7 +34,7 @@ CASES = [
     (dict(k_cache=torch.randn(8, 64, 576, dtype=torch.bfloat16)), ValueError, "k_cache must be 4-D"),
     (dict(k_cache=torch.randn(8, 64, 1, 512, dtype=torch.bfloat16)), ValueError, "k_cache head_dim must equal q's"),
     (dict(head_dim_v=256), ValueError, "unsupported head dims (d=576, head_dim_v=256)"),
-    (dict(k_cache=torch.randn(8, 64, 3, 576, dtype=torch.bfloat16)), ValueError, "h_q (16, q.shape[2]) must be a multiple of h_kv (3"),
+    (dict(k_cache=torch.randn(8, 64, 3, 576, dtype=torch.bfloat16)), ValueError, "h_q (16, q.shape[-2]) must be a multiple of h_kv (3"),
     (dict(q=torch.randn(2, 1, 576, 16, dtype=torch.bfloat16).transpose(2, 3)), ValueError, "q must have a contiguous last dimension"),
     (dict(q=torch.randn(2, 1, 16, 580, dtype=torch.bfloat16)[..., :576]), ValueError, "q stride of dim 2 must be a multiple of 8"),
     (dict(block_table=torch.zeros(2, 4, dtype=torch.int64)), TypeError, "block_table must have dtype int32"),
@@ -66,6 +66,31 @@ def test_bad_input(overrides, exc, message):
     with pytest.raises(exc) as info:
         call(**overrides)
     assert message in str(info.value)
+
+
+def test_ragged_bad_input():
+    ragged = dict(q=torch.randn(5, 16, 576, dtype=torch.bfloat16), cu_seqlens_q=torch.tensor([0, 2, 5], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_seqlen_q must be a positive int with cu_seqlens_q"):
+        call(**ragged)
+    with pytest.raises(ValueError, match=r"q must be 3-D \(total_q, h_q, head_dim\) with cu_seqlens_q"):
+        call(cu_seqlens_q=ragged["cu_seqlens_q"], max_seqlen_q=3)
+    with pytest.raises(ValueError, match=r"cu_seqlens_q must have shape \(3,\)"):
+        call(q=ragged["q"], cu_seqlens_q=torch.tensor([0, 5], dtype=torch.int32), max_seqlen_q=3)
+    with pytest.raises(TypeError, match="cu_seqlens_q must have dtype int32"):
+        call(q=ragged["q"], cu_seqlens_q=torch.tensor([0, 2, 5]), max_seqlen_q=3)
+    with pytest.raises(ValueError, match=r"out must have shape \(5, 16, 512\)"):
+        call(**ragged, max_seqlen_q=3, out=torch.empty(2, 1, 16, 512, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"lse must have shape \(16, 5\)"):
+        call(**ragged, max_seqlen_q=3, lse=torch.empty(2, 16, 1))
+    with pytest.raises(ValueError, match="q must be on a CUDA device"):  # everything else is well formed
+        call(**ragged, max_seqlen_q=3)
+
+
+def test_validate_mode_cu_seqlens():
+    with pytest.raises(ValueError, match="cu_seqlens_q must rise from 0 to total_q = 5"):
+        api._validate_cu_seqlens(describe(torch.tensor([0, 3, 2], dtype=torch.int32), "cu_seqlens_q"), 5, 4)
+    with pytest.raises(ValueError, match="a request of 3 query tokens, more than max_seqlen_q = 2"):
+        api._validate_cu_seqlens(describe(torch.tensor([0, 3, 5], dtype=torch.int32), "cu_seqlens_q"), 5, 2)
 
 
 def test_metadata_bad_input():

@@ -124,9 +124,10 @@ def jit_timings():
     from flashmla_jit.tensors import describe
     q, k, bt, sl = make_inputs(4, 1, 16, 1, [64] * 4)
     s, n = get_mla_metadata(sl, 16, 1)
-    flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
+    out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
     args = [describe(x, "x") for x in (q, k, bt, sl, s, n)]
-    _, _, scratch, launches = api._prepare_decode(*args, q.device.index, 512, None, False)
+    scratch, launches = api._prepare_decode(*args, q.device.index, 512, None, False,
+                                            describe(out, "out"), describe(lse, "lse"))
 
     def host_us(fn, calls=300):
         torch.cuda._sleep(int(2e9))  # ~1 s of GPU time ahead of the calls

@@ -34,11 +34,12 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
 
   const int first = p.num_splits[req];
   const int n = p.num_splits[req + 1] - first;
-  if (n == 1) return;
+  const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+  if (n == 1 || r >= span.count * p.heads_per_kv) return;  // written by decode, or no such row
 
-  const int s_idx = r / (int)p.heads_per_kv;
+  const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
-  u16* out = (u16*)p.out + req * p.o_batch_stride + s_idx * p.o_seq_stride + hq * p.o_head_stride;
+  u16* out = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride;
   const float inf = __int_as_float(0x7f800000);
   auto piece_row = [&](int k) { return ((i64)(first + k) * p.h_kv + head_kv) * rows + r; };
 
@@ -91,7 +92,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
     }
     *(u32*)(out + col) = cvt_pack(o0, o1, T{});
   }
-  if (tid == 0) p.lse[((i64)req * p.h_q + hq) * p.s_q + s_idx] = empty ? inf : lse_total * kLn2;
+  if (tid == 0)
+    p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] = empty ? inf : lse_total * kLn2;
 }
 
 }  // namespace flashmla

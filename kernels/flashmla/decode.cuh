@@ -120,6 +120,9 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
     const int split = req == begin_req ? begin_split : p.num_splits[req];
     const int kv_len = (int)min((i64)seqlen, kv_cap);
+    const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+    const int req_rows = span.count * hpk;  // this request's query rows per KV head
+    if (m_block * kTileRows >= req_rows) continue;
 
     __syncthreads();  // the previous request is done with every shared buffer
 
@@ -127,12 +130,12 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     {
       constexpr int kQThreads = kDecodeThreads / kTileRows;
       const int row = tid / kQThreads, r = m_block * kTileRows + row;
-      const bool valid = r < rows;
+      const bool valid = r < req_rows;
       const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
       if (valid) {
-        const int s_idx = r / hpk, hq = head_kv * hpk + r % hpk;
-        src += req * p.q_batch_stride + s_idx * p.q_seq_stride + hq * p.q_head_stride;
-        src_pe += req * p.q_pe_batch_stride + s_idx * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
+        const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
+        src += req * p.q_batch_stride + tok * p.q_seq_stride + hq * p.q_head_stride;
+        src_pe += req * p.q_pe_batch_stride + tok * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
       }
 #pragma unroll 1  // once per request: not worth registers held across the main loop
       for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
@@ -177,7 +180,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     // live registers make the main loop spill.
     if (tid < kTileRows) {
       const int s_idx = (m_block * kTileRows + tid) / hpk;
-      smem.row_limit[tid] = kCausal ? min(kv_len, seqlen - (int)p.s_q + 1 + s_idx) : kv_len;
+      smem.row_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
     }
 
     float o[kOTiles][4];
@@ -346,16 +349,17 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = m_block * kTileRows + row0 + 8 * h;
-      if (r >= rows) continue;
-      const int s_idx = r / hpk, hq = head_kv * hpk + r % hpk;
+      const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);  // reloaded: saves registers
+      if (r >= span.count * hpk) continue;
+      const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
       if (n_pieces == 1) {  // the whole request is in this part: write the final result
-        u16* dst = (u16*)p.out + req * p.o_batch_stride + s_idx * p.o_seq_stride + hq * p.o_head_stride +
+        u16* dst = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride +
                    cg * kCols + 2 * t;
 #pragma unroll
         for (int j = 0; j < kOTiles; ++j)
           *(u32*)(dst + 8 * j) = cvt_pack(o[j][2 * h] * inv[h], o[j][2 * h + 1] * inv[h], T{});
         if (cg == 0 && t == 0)
-          p.lse[(req * p.h_q + hq) * p.s_q + s_idx] =
+          p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] =
               empty[h] ? __int_as_float(0x7f800000) : (__log2f(l_run[h]) + m_run[h]) * kLn2;
       } else {  // one piece of a split request: fp32 partial, lse in the log2 domain
         const i64 prow = ((i64)split * p.h_kv + head_kv) * rows + r;

@@ -7,6 +7,17 @@
 
 namespace flashmla {
 
+// Query tokens of request `req`: the first one's index in q's token dimension (0 for a
+// fixed s_q, whose requests are apart by the batch stride) and how many there are.
+struct QuerySpan {
+  int first, count;
+};
+__device__ __forceinline__ QuerySpan query_span(const int* cu_seqlens_q, int req, int s_q) {
+  if (cu_seqlens_q == nullptr) return {0, s_q};
+  const int first = cu_seqlens_q[req];
+  return {first, cu_seqlens_q[req + 1] - first};
+}
+
 // Scheduler record of one part (one CTA column of the decode grid), 8 ints:
 //   [0] begin request  [1] begin block (in that request)
 //   [2] end request    [3] end block (exclusive, in the end request)
@@ -21,10 +32,12 @@ struct DecodeParams {
   const void* k_pe;           // (num_pages, page_size, h_kv, head_dim - head_dim_v): rope columns
   const int* block_table;     // (batch, max_blocks), last dim contiguous
   const int* seqlens;         // (batch,), contiguous
+  const int* cu_seqlens_q;    // (batch + 1,) ragged queries: request i owns query tokens
+                              // [cu[i], cu[i+1]) of a packed q; null = s_q tokens each
   const int* sched;           // (num_parts, kSchedRecordInts)
   const int* num_splits;      // (batch + 1,) exclusive prefix of pieces per request
   void* out;                  // (batch, s_q, h_q, head_dim_v)
-  float* lse;                 // (batch, h_q, s_q)
+  float* lse;                 // (batch, h_q, s_q), or (h_q, total_q) when ragged
   float* o_accum;             // (pieces, h_kv, rows, head_dim_v) fp32 partial outputs
   float* lse_accum;           // (pieces, h_kv, rows) log2-domain partial lse
   i64 q_batch_stride, q_seq_stride, q_head_stride;        // elements
@@ -33,7 +46,8 @@ struct DecodeParams {
   i64 k_pe_page_stride, k_pe_row_stride, k_pe_head_stride;
   i64 bt_batch_stride;                                    // elements
   i64 o_batch_stride, o_seq_stride, o_head_stride;        // elements
-  i64 batch, s_q, h_q, h_kv;
+  i64 lse_batch_stride, lse_head_stride, lse_seq_stride;  // elements
+  i64 batch, s_q, h_q, h_kv;  // s_q: query tokens per request (the most, when ragged)
   i64 heads_per_kv;           // h_q / h_kv
   i64 rows;                   // s_q * heads_per_kv: query rows per KV head
   i64 page_size, num_pages, max_blocks;
@@ -42,11 +56,13 @@ struct DecodeParams {
 
 struct CombineParams {
   const int* num_splits;      // (batch + 1,)
+  const int* cu_seqlens_q;    // as in DecodeParams
   const float* o_accum;       // (pieces, h_kv, rows, head_dim_v)
   const float* lse_accum;     // (pieces, h_kv, rows)
   void* out;                  // (batch, s_q, h_q, head_dim_v)
   float* lse;                 // (batch, h_q, s_q)
   i64 o_batch_stride, o_seq_stride, o_head_stride;
+  i64 lse_batch_stride, lse_head_stride, lse_seq_stride;
   i64 batch, s_q, h_q, h_kv, heads_per_kv, rows;
 };
 
