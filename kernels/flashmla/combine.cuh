@@ -18,16 +18,16 @@ constexpr int kCombineCols = 128;        // output columns per CTA: 4 per lane
 constexpr int kMaxPieces = 1024 + 1;     // pieces of one request <= scheduler parts + 1
 
 struct CombineSmem {
-  float partial[kCombineWarps][kCombineCols];    // each warp's weighted sum (float4 stores: first, aligned)
   float weight[kMaxPieces];                      // 2^(lse_k - lse_total) per piece
+  float partial[kCombineWarps][kCombineCols];    // each warp's weighted sum over its pieces
   float warp_max[kCombineWarps], warp_sum[kCombineWarps];
 };
 
 template <typename T, int kDV>
-__global__ void __launch_bounds__(kCombineThreads, 4) combine_kernel(const __grid_constant__ CombineParams p) {
+__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(kDV % kCombineCols == 0, "a row splits into 128-column chunks");
   constexpr int kChunks = kDV / kCombineCols;
-  __shared__ __align__(16) CombineSmem smem;
+  __shared__ CombineSmem smem;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
   const i64 item = blockIdx.x / kChunks;
