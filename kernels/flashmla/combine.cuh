@@ -1,12 +1,11 @@
 // Merge the fp32 partial outputs of split requests, and finalize requests with no work.
 //
-// One CTA per (output row, 128-column chunk); the row is (request, KV head, packed query
-// row). A small batch splits each request over every SM, so a row can have ~130 pieces:
-// the CTA first turns all their lse into weights in shared memory, then its 8 warps
-// split the pieces (warp w takes w, w + 8, ...) with independent 16-byte loads, and the
-// warps' sums meet in shared memory. Requests that ran as a single piece were written by
-// the decode kernel and are skipped; requests with no piece (seqlen 0) get out = 0 and
-// lse = +inf here, so every output is always written.
+// One CTA per output row (request, KV head, packed query row). Its 8 warps split the
+// row's pieces (warp w takes pieces w, w + 8, ...), so a request split over 132 parts
+// (small batches) keeps 8 warps x 4 loads per lane in flight instead of walking the
+// pieces one after another; the warps' sums meet in shared memory. Requests that ran
+// as a single piece were written by the decode kernel and are skipped; requests with no
+// piece (seqlen 0) get out = 0 and lse = +inf here, so every output is always written.
 #pragma once
 #include "params.cuh"
 
@@ -14,24 +13,21 @@ namespace flashmla {
 
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;
-constexpr int kCombineCols = 128;        // output columns per CTA: 4 per lane
-constexpr int kMaxPieces = 1024 + 1;     // pieces of one request <= scheduler parts + 1
 
+template <int kDV>
 struct CombineSmem {
-  float weight[kMaxPieces];                      // 2^(lse_k - lse_total) per piece
-  float partial[kCombineWarps][kCombineCols];    // each warp's weighted sum over its pieces
+  float partial[kCombineWarps][kDV];  // each warp's weighted sum over its pieces
   float warp_max[kCombineWarps], warp_sum[kCombineWarps];
 };
 
 template <typename T, int kDV>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ CombineParams p) {
-  static_assert(kDV % kCombineCols == 0, "a row splits into 128-column chunks");
-  constexpr int kChunks = kDV / kCombineCols;
-  __shared__ CombineSmem smem;
+  static_assert(kDV % 128 == 0, "each lane owns kDV / 128 runs of 4 columns");
+  constexpr int kRuns = kDV / 128;
+  __shared__ CombineSmem<kDV> smem;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
-  const i64 item = blockIdx.x / kChunks;
-  const int col0 = (blockIdx.x % kChunks) * kCombineCols;
+  const i64 item = blockIdx.x;
   const int req = (int)(item / (p.h_kv * rows));
   const int head_kv = (int)(item / rows % p.h_kv);
   const int r = (int)(item % rows);
@@ -43,16 +39,13 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
 
   const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
-  u16* out = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride + col0;
+  u16* out = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride;
   const float inf = __int_as_float(0x7f800000);
   auto piece_row = [&](int k) { return ((i64)(first + k) * p.h_kv + head_kv) * rows + r; };
 
   // Global log2-sum-exp over the pieces: every thread strides over them, then the block reduces.
   float mx = -inf;
-  for (int k = tid; k < n; k += kCombineThreads) {
-    smem.weight[k] = p.lse_accum[piece_row(k)];
-    mx = fmaxf(mx, smem.weight[k]);
-  }
+  for (int k = tid; k < n; k += kCombineThreads) mx = fmaxf(mx, p.lse_accum[piece_row(k)]);
   for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, d));
   if (lane == 0) smem.warp_max[warp] = mx;
   __syncthreads();
@@ -61,7 +54,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   for (int w = 0; w < kCombineWarps; ++w) mx = fmaxf(mx, smem.warp_max[w]);
   float sum = 0.f;
   if (mx != -inf)
-    for (int k = tid; k < n; k += kCombineThreads) sum += ex2(smem.weight[k] - mx);
+    for (int k = tid; k < n; k += kCombineThreads) sum += ex2(p.lse_accum[piece_row(k)] - mx);
   for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffff, sum, d);
   if (lane == 0) smem.warp_sum[warp] = sum;
   __syncthreads();
@@ -70,42 +63,36 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   for (int w = 0; w < kCombineWarps; ++w) sum += smem.warp_sum[w];
   const bool empty = !(sum > 0.f);  // no piece, or no piece saw a key
   const float lse_total = empty ? inf : mx + __log2f(sum);
-  for (int k = tid; k < n; k += kCombineThreads) smem.weight[k] = empty ? 0.f : ex2(smem.weight[k] - lse_total);
-  __syncthreads();
 
-  // Each warp: weighted sum of its pieces, 4 pieces' loads in flight at a time.
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-  const float* src = p.o_accum + col0 + lane * 4;
-  int k = warp;
-  for (; k + 3 * kCombineWarps < n; k += 4 * kCombineWarps) {
-    float4 v[4];
+  // Each warp: weighted sum of its pieces; lane owns columns 4 * lane + 128 * c.
+  float acc[kRuns][4] = {};
+  if (!empty) {
+    for (int k = warp; k < n; k += kCombineWarps) {
+      const float w = ex2(p.lse_accum[piece_row(k)] - lse_total);
+      const float* src = p.o_accum + piece_row(k) * kDV;
 #pragma unroll
-    for (int u = 0; u < 4; ++u) v[u] = *(const float4*)(src + piece_row(k + u * kCombineWarps) * kDV);
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const float w = smem.weight[k + u * kCombineWarps];
-      acc[0] += w * v[u].x; acc[1] += w * v[u].y; acc[2] += w * v[u].z; acc[3] += w * v[u].w;
+      for (int c = 0; c < kRuns; ++c) {
+        const float4 v = *(const float4*)(src + c * 128 + lane * 4);
+        acc[c][0] += w * v.x; acc[c][1] += w * v.y; acc[c][2] += w * v.z; acc[c][3] += w * v.w;
+      }
     }
   }
-  for (; k < n; k += kCombineWarps) {
-    const float4 v = *(const float4*)(src + piece_row(k) * kDV);
-    const float w = smem.weight[k];
-    acc[0] += w * v.x; acc[1] += w * v.y; acc[2] += w * v.z; acc[3] += w * v.w;
-  }
-  *(float4*)&smem.partial[warp][lane * 4] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+#pragma unroll
+  for (int c = 0; c < kRuns; ++c)
+    *(float4*)&smem.partial[warp][c * 128 + lane * 4] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
   __syncthreads();
 
-  // Sum the warps' partials: threads 0..63 own columns 2 tid, 2 tid + 1 of the chunk.
-  if (tid < kCombineCols / 2) {
+  // Sum the warps' partials: thread tid owns columns 2 tid, 2 tid + 1 (kDV / 2 threads).
+  for (int col = 2 * tid; col < kDV; col += 2 * kCombineThreads) {
     float o0 = 0.f, o1 = 0.f;
 #pragma unroll
     for (int w = 0; w < kCombineWarps; ++w) {
-      o0 += smem.partial[w][2 * tid];
-      o1 += smem.partial[w][2 * tid + 1];
+      o0 += smem.partial[w][col];
+      o1 += smem.partial[w][col + 1];
     }
-    *(u32*)(out + 2 * tid) = cvt_pack(o0, o1, T{});
+    *(u32*)(out + col) = cvt_pack(o0, o1, T{});
   }
-  if (tid == 0 && col0 == 0)
+  if (tid == 0)
     p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] = empty ? inf : lse_total * kLn2;
 }
 
