@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, COMBINE_ROWS, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
+from .spec import (BLOCK_N, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
                    decode_spec, tile_rows_for)
 from .tensors import Tensor, current_stream, describe, empty
 
@@ -289,8 +289,7 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
     launches = [
         (decode, device, (math.ceil(rows / decode.tile_rows), h_kv, num_parts), params, stream),
-        # one CTA per (request, KV head, 8 query rows)
-        (combine, device, (batch * h_kv * math.ceil(rows / COMBINE_ROWS), 1, 1), cparams, stream),
+        (combine, device, (batch * h_kv * rows, 1, 1), cparams, stream),  # one CTA per output row
     ]
     return scratch, launches
 

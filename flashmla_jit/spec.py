@@ -26,8 +26,7 @@ DEEPSEEK_HEAD_DIMS = (576, 512)
 TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
 BLOCK_N = 64            # KV tokens per main-loop block
 DECODE_THREADS = 256
-COMBINE_THREADS = 256   # 8 warps
-COMBINE_ROWS = 8        # output rows per combine CTA (kCombineWarps)
+COMBINE_THREADS = 256   # one output row per CTA, its pieces split over 8 warps
 METADATA_THREADS = 1024
 MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
 
