@@ -51,6 +51,11 @@ def _check_16_byte_rows(t: Tensor, name: str, dims):
                              f"got strides {t.strides}")
 
 
+def _check_positive_int(name: str, value, context: str = ""):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{context}, got {value!r}")
+
+
 def _check_device(tensors: dict) -> int:
     """All arrays on one CUDA device, which must be a Hopper GPU; returns its index."""
     devices = {name: t.device for name, t in tensors.items()}
@@ -100,9 +105,8 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
     _check_contiguous(seqlens, "cache_seqlens")
     if seqlens.shape[0] < 1:
         raise ValueError("cache_seqlens must hold at least one sequence, got batch 0")
-    for name, value in (("num_heads_per_head_k", num_heads_per_head_k), ("num_heads_k", num_heads_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_positive_int("num_heads_per_head_k", num_heads_per_head_k)
+    _check_positive_int("num_heads_k", num_heads_k)
     device = _check_device({"cache_seqlens": seqlens})
 
     from . import driver
@@ -151,8 +155,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_dtype(qt, "q", ("bf16", "fp16"))
     if cu is not None:
         _check_rank(qt, "q", 3, "(total_q, h_q, head_dim) with cu_seqlens_q")
-        if not isinstance(max_seqlen_q, int) or isinstance(max_seqlen_q, bool) or max_seqlen_q < 1:
-            raise ValueError(f"max_seqlen_q must be a positive int with cu_seqlens_q, got {max_seqlen_q!r}")
+        _check_positive_int("max_seqlen_q", max_seqlen_q, " with cu_seqlens_q")
         _check_rank(sl, "cache_seqlens", 1, "(batch,)")
         (total_q, h_q, q_dim), batch, s_q = qt.shape, sl.shape[0], max_seqlen_q
     else:
