@@ -14,7 +14,7 @@ import warnings
 import pytest
 
 from flashmla_jit import cache, compiler, settings
-from jit_fakes import FakeSpec, cache_root, compile_in_child, reload, sha  # noqa: F401
+from jit_fakes import FakeSpec, compile_in_child, reload, sha
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import pytest
 
 from flashmla_jit import compiler
 from flashmla_jit.compiler import CompileError
-from jit_fakes import SPILLS, SYNTAX_ERROR, FakeSpec, cache_root, reload  # noqa: F401
+from jit_fakes import SPILLS, SYNTAX_ERROR, FakeSpec, reload
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

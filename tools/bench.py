@@ -12,7 +12,6 @@ in a new process, host overhead per call with the GPU busy.
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
