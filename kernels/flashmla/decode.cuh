@@ -126,7 +126,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
     __syncthreads();  // the previous request is done with every shared buffer
 
-    // ---- Q tile: kQThreads threads per row, rows past `rows` zero-filled ----
+    // ---- Q tile: kQThreads threads per row, rows past the request's zero-filled ----
     {
       constexpr int kQThreads = kDecodeThreads / kTileRows;
       const int row = tid / kQThreads, r = m_block * kTileRows + row;
