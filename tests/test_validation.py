@@ -93,6 +93,12 @@ def test_validate_mode_cu_seqlens():
         api._validate_cu_seqlens(describe(torch.tensor([0, 3, 5], dtype=torch.int32), "cu_seqlens_q"), 5, 2)
 
 
+def test_dlpack_host_array_is_named():
+    import numpy as np
+    with pytest.raises(ValueError, match=r"q must be on a CUDA device, got a numpy.ndarray on DLPack device type 1"):
+        call(q=np.zeros((2, 1, 16, 576), np.float16))
+
+
 def test_metadata_bad_input():
     with pytest.raises(TypeError, match="cache_seqlens must have dtype int32"):
         get_mla_metadata(torch.zeros(4, dtype=torch.int64), 16, 1)
