@@ -213,6 +213,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt), ("cu_seqlens_q", cu)) if t})
     out_shape = qt.shape[:-1] + (head_dim_v,)
     lse_shape = (h_q, total_q) if cu is not None else (batch, h_q, s_q)
+    ot = lt = None
     if out is not None:
         arrays["out"] = ot = describe(out, "out")
         _check_dtype(ot, "out", (qt.dtype,))
@@ -234,10 +235,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
 
     if out is None:
         out = empty(qt, out_shape, qt.dtype)
+        ot = describe(out, "out")
     if lse is None:
         lse = empty(qt, lse_shape, "fp32")
+        lt = describe(lse, "lse")
     scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal,
-                                        describe(out, "out"), describe(lse, "lse"), qpt, kpt, cu, s_q)
+                                        ot, lt, qpt, kpt, cu, s_q)
     from . import driver
     for launch in launches:
         driver.launch(*launch)
