@@ -139,19 +139,67 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     the rope columns; likewise k_pe_cache holds the rope columns of a cache whose latent
     part is k_cache. out / lse may be caller-owned buffers of the shapes above.
     """
-    if _compiling(q) and all(x is None for x in (q_pe, k_pe_cache, cu_seqlens_q, out, lse)):
+    arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
+              q_pe, k_pe_cache, cu_seqlens_q, out, lse)
+    if _compiling(q) and all(x is None for x in arrays[6:]):
         import torch
         return torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                              tile_scheduler_metadata, num_splits, softmax_scale,
                                                              causal)
-    qt = describe(q, "q")
-    kt = describe(k_cache, "k_cache")
-    bt = describe(block_table, "block_table")
-    sl = describe(cache_seqlens, "cache_seqlens")
-    sched = describe(tile_scheduler_metadata, "tile_scheduler_metadata")
-    ns = describe(num_splits, "num_splits")
-    cu = describe(cu_seqlens_q, "cu_seqlens_q") if cu_seqlens_q is not None else None
+    scalars = (head_dim_v, softmax_scale, causal, max_seqlen_q)
+    # Hot path: a torch call whose signature (shapes, strides, dtypes, devices, scalars)
+    # was validated before only reads the pointers and launches.
+    key = _torch_signature(arrays, scalars)
+    plan = _plans.get(key) if key is not None else None
+    if plan is not None and not settings.get().validate:
+        ptrs = [x.data_ptr() if x is not None else 0 for x in arrays]
+        if not plan.misaligned(ptrs):
+            return plan.run(ptrs, q, out, lse, _torch_stream(plan.device))
+    described = [describe(x, name) if x is not None else None for x, name in zip(arrays, _ARG_NAMES)]
+    plan = _plan(described, *scalars)
+    if key is not None:
+        if len(_plans) >= 1024:  # long-lived processes see many batch sizes
+            _plans.clear()
+        _plans[key] = plan
+    ptrs = [t.ptr if t is not None else 0 for t in described]
+    like = described[0]
+    return plan.run(ptrs, q, out, lse, current_stream(like), like)
 
+
+_ARG_NAMES = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits",
+              "q_pe", "k_pe_cache", "cu_seqlens_q", "out", "lse")
+_plans: dict = {}
+_TORCH_TENSOR = None
+
+
+def _torch_signature(arrays, scalars):
+    """Everything a plan depends on besides the pointers, for plain torch tensors; None
+    for anything else (cupy, DLPack objects, tensor subclasses take the described path)."""
+    global _TORCH_TENSOR
+    if _TORCH_TENSOR is None:
+        import sys
+        if "torch" not in sys.modules:
+            return None
+        _TORCH_TENSOR = sys.modules["torch"].Tensor
+    sig = [scalars]
+    for x in arrays:
+        if x is None:
+            sig.append(None)
+        elif type(x) is _TORCH_TENSOR:
+            sig.append((x.shape, x.stride(), x.dtype, x.get_device()))
+        else:
+            return None
+    return tuple(sig)
+
+
+def _torch_stream(device: int) -> int:
+    import torch
+    return torch._C._cuda_getCurrentRawStream(device)
+
+
+def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q) -> "_DecodePlan":
+    """Validate described arguments (each error names its argument) and build the plan."""
+    qt, kt, bt, sl, sched, ns, qpt, kpt, cu, ot, lt = described
     _check_dtype(qt, "q", ("bf16", "fp16"))
     if cu is not None:
         _check_rank(qt, "q", 3, "(total_q, h_q, head_dim) with cu_seqlens_q")
@@ -161,11 +209,12 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     else:
         _check_rank(qt, "q", 4, "(batch, s_q, h_q, head_dim)")
         batch, s_q, h_q, q_dim = qt.shape
+        total_q = None
     _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
     if kt.dtype != qt.dtype:
         raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
-    qpt = _rope_part(q_pe, "q_pe", qt, "q", head_dim_v)
-    kpt = _rope_part(k_pe_cache, "k_pe_cache", kt, "k_cache", head_dim_v)
+    qpt = _rope_part(qpt, "q_pe", qt, "q", head_dim_v)
+    kpt = _rope_part(kpt, "k_pe_cache", kt, "k_cache", head_dim_v)
     head_dim = q_dim + (qpt.shape[-1] if qpt else 0)
     num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (kt.shape[3] + (kpt.shape[3] if kpt else 0),)
     if k_dim != head_dim:
@@ -208,103 +257,144 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         raise ValueError(f"num_splits has shape {ns.shape}: metadata made for batch {ns.shape[0] - 1 if ns.ndim == 1 else '?'}, "
                          f"but q has batch {batch} (expected ({batch + 1},)); call get_mla_metadata for this batch")
     _check_contiguous(ns, "num_splits")
-    arrays = {"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
-              "tile_scheduler_metadata": sched, "num_splits": ns}
-    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt), ("cu_seqlens_q", cu)) if t})
     out_shape = qt.shape[:-1] + (head_dim_v,)
     lse_shape = (h_q, total_q) if cu is not None else (batch, h_q, s_q)
-    ot = lt = None
-    if out is not None:
-        arrays["out"] = ot = describe(out, "out")
+    if ot is not None:
         _check_dtype(ot, "out", (qt.dtype,))
         if ot.shape != out_shape:
             raise ValueError(f"out must have shape {out_shape}, got {ot.shape}")
         _check_last_dim_contiguous(ot, "out")
         _check_16_byte_rows(ot, "out", range(ot.ndim - 1))
-    if lse is not None:
-        arrays["lse"] = lt = describe(lse, "lse")
+    if lt is not None:
         _check_dtype(lt, "lse", ("fp32",))
         if lt.shape != lse_shape:
             raise ValueError(f"lse must have shape {lse_shape}, got {lt.shape}")
         _check_contiguous(lt, "lse")
-    device = _check_device(arrays)
+    device = _check_device({name: t for name, t in zip(_ARG_NAMES, described) if t is not None})
     if settings.get().validate:
         _validate_on_host(bt, sl, page_size, num_pages)
         if cu is not None:
             _validate_cu_seqlens(cu, total_q, max_seqlen_q)
-
-    if out is None:
-        out = empty(qt, out_shape, qt.dtype)
-        ot = describe(out, "out")
-    if lse is None:
-        lse = empty(qt, lse_shape, "fp32")
-        lt = describe(lse, "lse")
-    scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal,
-                                        ot, lt, qpt, kpt, cu, s_q)
-    from . import driver
-    for launch in launches:
-        driver.launch(*launch)
-    return out, lse
+    return _DecodePlan(qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
+                       head_dim_v, softmax_scale, causal, out_shape, lse_shape)
 
 
-def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, ot, lt,
-                    qpt=None, kpt=None, cu=None, s_q=None):
-    """Scratch and the (spec, device, grid, params, stream) of each launch, for validated
-    inputs and outputs (described).
+class _DecodePlan:
+    """One validated call signature: the kernels, grids and parameter structs with every
+    field but the pointers filled in. run() fills the pointers and launches."""
 
-    Kept apart from the launches so tools/bench.py can time the raw launches alone. The
-    caller holds `scratch` until the launches are enqueued (the allocators are stream
-    ordered, so releasing it afterwards is safe).
-    """
-    from .params import CombineParams, DecodeParams
-    num_pages, page_size, h_kv, _ = kt.shape
-    batch, h_q = sl.shape[0], qt.shape[-2]
-    if cu is None:
-        s_q = qt.shape[1]
-    head_dim = qt.shape[-1] + (qpt.shape[-1] if qpt else 0)
-    heads_per_kv = h_q // h_kv
-    rows = s_q * heads_per_kv
+    def __init__(self, qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
+                 head_dim_v, softmax_scale, causal, out_shape, lse_shape):
+        from .params import CombineParams, DecodeParams
+        num_pages, page_size = kt.shape[:2]
+        heads_per_kv = h_q // h_kv
+        rows = s_q * heads_per_kv
+        ragged = cu is not None
 
-    def bsh(t):  # (batch, token, head) strides; packed ragged tokens have no batch stride
-        return (0, *t.strides[:2]) if cu is not None else t.strides[:3]
+        def bsh(shape, strides):  # (batch, token, head) strides; packed ragged tokens have no batch stride
+            return (0, *strides[:2]) if ragged else strides[:3]
 
-    # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
-    q_pe, q_pe_strides = (qpt.ptr, bsh(qpt)) if qpt else (qt.ptr + 2 * head_dim_v, bsh(qt))
-    k_pe, k_pe_strides = (kpt.ptr, kpt.strides[:3]) if kpt else (kt.ptr + 2 * head_dim_v, kt.strides[:3])
-    lse_strides = (0, lt.shape[1], 1) if cu is not None else (h_q * s_q, s_q, 1)  # lse is contiguous
-    num_parts = sched.shape[0]
-    if softmax_scale is None:
-        softmax_scale = head_dim ** -0.5
-    # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
-    # Each cut between parts adds at most one piece to the batch's count.
-    partial_rows = (batch + num_parts) * h_kv * rows
-    scratch = empty(qt, (partial_rows * (head_dim_v + 1),), "fp32")
-    o_accum = _ptr(scratch)
-    lse_accum = o_accum + partial_rows * head_dim_v * 4
-    stream = current_stream(qt)
-    cu_ptr = cu.ptr if cu is not None else 0
+        # Outputs the plan allocates are contiguous; caller-owned ones keep their strides.
+        o_strides = ot.strides if ot is not None else _contiguous_strides(out_shape)
+        lse_strides = (0, lse_shape[1], 1) if ragged else (h_q * s_q, s_q, 1)  # lse is contiguous
+        num_parts = sched.shape[0]
+        if softmax_scale is None:
+            softmax_scale = head_dim ** -0.5
+        self.device = device
+        self.out_shape, self.lse_shape, self.dtype = out_shape, lse_shape, qt.dtype
+        # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
+        # Each cut between parts adds at most one piece to the batch's count.
+        self.partial_rows = (batch + num_parts) * h_kv * rows
+        self.scratch_numel = self.partial_rows * (head_dim_v + 1)
+        self.head_dim_v = head_dim_v
+        # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
+        self.q_pe_split, self.k_pe_split = qpt is not None, kpt is not None
+        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
+        self.decode_params = DecodeParams(
+            *([0] * 13),
+            *bsh(qt.shape, qt.strides), *kt.strides[:3],
+            *bsh(qpt.shape, qpt.strides) if qpt else bsh(qt.shape, qt.strides),
+            *(kpt.strides[:3] if kpt else kt.strides[:3]), bt.strides[0],
+            *bsh(out_shape, o_strides), *lse_strides,
+            batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
+            softmax_scale * math.log2(math.e))
+        self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
+        # Combine grid: when requests split into many pieces (a batch much smaller than
+        # the part count), a CTA per 128-column chunk of a row keeps enough loads in
+        # flight; otherwise a warp per row, 8 rows a CTA.
+        chunked = num_parts > 4 * batch
+        self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
+        self.combine_params = CombineParams(
+            *([0] * 6), *bsh(out_shape, o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
+            int(chunked))
+        per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
+        self.combine_grid = (batch * h_kv * per_head, 1, 1)
+        self.torch_dtype = self.torch_device = None
 
-    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
-    params = DecodeParams(
-        qt.ptr, kt.ptr, q_pe, k_pe, bt.ptr, sl.ptr, cu_ptr, sched.ptr, ns.ptr, ot.ptr, lt.ptr, o_accum, lse_accum,
-        *bsh(qt), *kt.strides[:3], *q_pe_strides, *k_pe_strides, bt.strides[0], *bsh(ot), *lse_strides,
-        batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
-        softmax_scale * math.log2(math.e))
-    combine = combine_spec(qt.dtype, head_dim, head_dim_v)
-    cparams = CombineParams(ns.ptr, cu_ptr, o_accum, lse_accum, ot.ptr, lt.ptr, *bsh(ot), *lse_strides,
-                            batch, s_q, h_q, h_kv, heads_per_kv, rows)
-    launches = [
-        (decode, device, (math.ceil(rows / decode.tile_rows), h_kv, num_parts), params, stream),
-        (combine, device, (batch * h_kv * rows, 1, 1), cparams, stream),  # one CTA per output row
-    ]
-    return scratch, launches
+    def misaligned(self, ptrs) -> bool:
+        """cp.async moves 16-byte chunks: q, k_cache, q_pe, k_pe_cache and out must be
+        16-byte aligned (checked with a named error on the described path)."""
+        q, k, _, _, _, _, q_pe, k_pe, _, out, _ = ptrs
+        return bool((q | k | q_pe | k_pe | out) & 15)
+
+    def run(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
+        out, lse, scratch, launches = self.prepare(ptrs, q, out, lse, stream, like)
+        from . import driver
+        driver.launch_all(self.device, launches)
+        return out, lse  # scratch is released here: the allocators are stream ordered
+
+    def prepare(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
+        """Outputs, scratch and the launches of one call (tools/bench.py times the
+        launches alone)."""
+        q_ptr, k_ptr, bt, sl, sched, ns, q_pe, k_pe, cu, out_ptr, lse_ptr = ptrs
+        if like is None and self.torch_dtype is None:
+            self.torch_dtype, self.torch_device = q.dtype, q.device
+        if out is None:
+            out = self._empty(like, self.out_shape, self.dtype)
+            out_ptr = _ptr(out)
+        if lse is None:
+            lse = self._empty(like, self.lse_shape, "fp32")
+            lse_ptr = _ptr(lse)
+        scratch = self._empty(like, (self.scratch_numel,), "fp32")
+        o_accum = _ptr(scratch)
+        lse_accum = o_accum + self.partial_rows * self.head_dim_v * 4
+        if not self.q_pe_split:
+            q_pe = q_ptr + 2 * self.head_dim_v
+        if not self.k_pe_split:
+            k_pe = k_ptr + 2 * self.head_dim_v
+        dp = type(self.decode_params).from_buffer_copy(self.decode_params)
+        (dp.q, dp.k, dp.q_pe, dp.k_pe, dp.block_table, dp.seqlens, dp.cu_seqlens_q, dp.sched, dp.num_splits,
+         dp.out, dp.lse, dp.o_accum, dp.lse_accum) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
+                                                      out_ptr, lse_ptr, o_accum, lse_accum)
+        cp = type(self.combine_params).from_buffer_copy(self.combine_params)
+        cp.num_splits, cp.cu_seqlens_q, cp.o_accum, cp.lse_accum, cp.out, cp.lse = (ns, cu, o_accum, lse_accum,
+                                                                                  out_ptr, lse_ptr)
+        # The combine starts while the decode kernel drains (programmatic dependent
+        # launch) and waits on the GPU for its partials.
+        launches = ((self.decode_spec, self.decode_grid, dp, stream, False),
+                    (self.combine_spec, self.combine_grid, cp, stream, True))
+        return out, lse, scratch, launches
+
+    def _empty(self, like, shape, dtype):
+        if like is not None:
+            return empty(like, shape, dtype)
+        import torch  # the torch hot path: no Tensor description at hand
+        return torch.empty(shape, dtype=self.torch_dtype if dtype != "fp32" else torch.float32,
+                           device=self.torch_device)
 
 
-def _rope_part(x, name: str, main: Tensor, main_name: str, head_dim_v: int) -> Tensor | None:
-    """Describe and check a split rope tensor (q_pe, k_pe_cache) against its latent part."""
-    if x is None:
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _rope_part(t: Tensor | None, name: str, main: Tensor, main_name: str, head_dim_v: int) -> Tensor | None:
+    """Check a split rope tensor (q_pe, k_pe_cache) against its latent part."""
+    if t is None:
         return None
-    t = describe(x, name)
     if t.dtype != main.dtype:
         raise TypeError(f"{name} must have {main_name}'s dtype {main.dtype}, got {t.dtype}")
     if t.ndim != main.ndim or t.shape[:-1] != main.shape[:-1]:

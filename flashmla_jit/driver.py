@@ -120,10 +120,42 @@ def _stream(handle: int):
     return stream
 
 
-def launch(spec, device: int, grid, params: ctypes.Structure, stream: int):
-    """Launch `spec` with one by-value struct argument on the stream handle `stream`."""
+@functools.cache
+def _pdl_attrs():
+    """Launch attributes that let a kernel start before the previous one in its stream
+    has finished (programmatic dependent launch): it must griddepcontrol.wait before it
+    reads what that kernel wrote. CUDA graphs keep the edge as a programmatic one."""
+    attr = cu.CUlaunchAttribute()
+    attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+    attr.value.programmaticStreamSerializationAllowed = 1
+    return [attr]
+
+
+def _launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl: bool = False):
     fn = _functions.get((spec, device)) or function(spec, device)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    if not pdl:
+        check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes, _stream(stream),
+                                ctypes.addressof(args), 0))
+        return
+    config = cu.CUlaunchConfig()
+    config.gridDimX, config.gridDimY, config.gridDimZ = grid
+    config.blockDimX, config.blockDimY, config.blockDimZ = spec.threads, 1, 1
+    config.sharedMemBytes = spec.smem_bytes
+    config.hStream = _stream(stream)
+    config.attrs = _pdl_attrs()
+    config.numAttrs = 1
+    check(cu.cuLaunchKernelEx(config, fn, ctypes.addressof(args), 0))
+
+
+def launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl: bool = False):
+    """Launch `spec` with one by-value struct argument on the stream handle `stream`."""
     with _OnDevice(device):
-        check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes,
-                                _stream(stream), ctypes.addressof(args), 0))
+        _launch(spec, device, grid, params, stream, pdl)
+
+
+def launch_all(device: int, launches):
+    """Launch (spec, grid, params, stream, pdl) tuples in order, with one context check."""
+    with _OnDevice(device):
+        for spec, grid, params, stream, pdl in launches:
+            _launch(spec, device, grid, params, stream, pdl)

@@ -158,6 +158,35 @@ def test_ragged_queries(h_q, causal):
     assert_close(out, lse, ref_out, ref_lse, f"ragged h_q={h_q}")
 
 
+def test_repeated_signature_reads_each_calls_pointers():
+    # The second call with the same shapes takes the cached plan: it must use the new
+    # arrays, and work queued right after it must see every output (the combine kernel
+    # starts early under programmatic dependent launch and waits on the GPU).
+    for batch, h_q in ((1, 16), (128, 64)):  # a CTA per row chunk, and a warp per row
+        calls = []
+        for _ in range(2):
+            lens = torch.randint(1, 3000, (batch,)).tolist()
+            lens[0] = 3000  # same block-table width both times
+            calls.append(make_inputs(batch, 1, h_q, 1, lens))
+        for q, k_cache, block_table, seqlens in calls:
+            sched, ns = get_mla_metadata(seqlens, h_q, 1)
+            poison_allocator(((batch, 1, h_q, 512), torch.bfloat16), ((batch, h_q, 1), torch.float32))
+            out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, ns)
+            out_copy, lse_copy = out.clone(), lse.clone()  # same stream, no sync in between
+            ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512)
+            assert_close(out_copy, lse_copy, ref_out, ref_lse, f"repeated call b={batch} h_q={h_q}")
+
+
+def test_misaligned_q_is_refused_on_the_cached_path():
+    q, k_cache, block_table, seqlens = make_inputs(2, 1, 16, 1, [100, 200])
+    sched, ns = get_mla_metadata(seqlens, 16, 1)
+    flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, ns)
+    base = torch.randn(q.numel() + 1, dtype=q.dtype, device="cuda")
+    shifted = base[1:].view(q.shape)  # same shape and strides, 2 bytes off alignment
+    with pytest.raises(ValueError, match="q must start at a 16-byte aligned address"):
+        flash_mla_with_kvcache(shifted, k_cache, block_table, seqlens, 512, sched, ns)
+
+
 def test_seqlen_shorter_than_s_q_sees_nothing():
     # causal rows with seqlen - s_q + i < 0 see no key: out 0, lse +inf
     run_case(4, 4, 16, 1, [0, 1, 2, 3], causal=True)

@@ -120,13 +120,12 @@ def jit_timings():
     # Host time per call with the GPU kept busy, so launches queue and the host is the bound:
     # the whole API call, and the raw launches of one call with their arguments prepared.
     from flashmla_jit import api, driver
-    from flashmla_jit.tensors import describe
     q, k, bt, sl = make_inputs(4, 1, 16, 1, [64] * 4)
     s, n = get_mla_metadata(sl, 16, 1)
     out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
-    args = [describe(x, "x") for x in (q, k, bt, sl, s, n)]
-    scratch, launches = api._prepare_decode(*args, q.device.index, 512, None, False,
-                                            describe(out, "out"), describe(lse, "lse"))
+    (plan,) = api._plans.values()  # the one signature called above
+    ptrs = [x.data_ptr() if x is not None else 0 for x in (q, k, bt, sl, s, n, None, None, None, out, lse)]
+    _, _, scratch, launches = plan.prepare(ptrs, q, out, lse, torch.cuda.current_stream().cuda_stream)
 
     def host_us(fn, calls=300):
         torch.cuda._sleep(int(2e9))  # ~1 s of GPU time ahead of the calls
@@ -138,8 +137,7 @@ def jit_timings():
         return elapsed
 
     def raw():
-        for launch in launches:
-            driver.launch(*launch)
+        driver.launch_all(plan.device, launches)
 
     full = host_us(lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, s, n))
     return {"cold_first_call_s": cold, "warm_first_call_s": warm, "host_us_per_call": full,

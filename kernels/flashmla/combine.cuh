@@ -1,99 +1,174 @@
 // Merge the fp32 partial outputs of split requests, and finalize requests with no work.
 //
-// One CTA per output row (request, KV head, packed query row). Its 8 warps split the
-// row's pieces (warp w takes pieces w, w + 8, ...), so a request split over 132 parts
-// (small batches) keeps 8 warps x 4 loads per lane in flight instead of walking the
-// pieces one after another; the warps' sums meet in shared memory. Requests that ran
-// as a single piece were written by the decode kernel and are skipped; requests with no
-// piece (seqlen 0) get out = 0 and lse = +inf here, so every output is always written.
+// Two grids, chosen on the host by how many pieces a request splits into
+// (CombineParams.chunked):
+// - few pieces (large batches, a request splits in 1-3 pieces): one warp merges one
+//   whole output row, walking its pieces; a CTA holds 8 rows.
+// - many pieces (small batches, a request splits over every SM, ~130 pieces): one CTA
+//   merges one 128-column chunk of one row; its 8 warps take every 8th piece, each lane
+//   loading 4 pieces before it adds any, so ~32 loads of a row are in flight per CTA,
+//   and the warps' sums meet in shared memory.
+// Requests that ran as a single piece were written by the decode kernel and are
+// skipped; requests with no piece (seqlen 0) get out = 0 and lse = +inf here, so every
+// output is always written.
+//
+// The kernel may start before the decode kernel has finished (programmatic dependent
+// launch); every CTA waits for it (griddepcontrol.wait) before anything else.
 #pragma once
 #include "params.cuh"
 
 namespace flashmla {
 
 constexpr int kCombineThreads = 256;
-constexpr int kCombineWarps = kCombineThreads / 32;
+constexpr int kCombineWarps = kCombineThreads / 32;  // rows per CTA in the few-pieces grid
+constexpr int kChunkCols = 128;                      // columns per CTA in the many-pieces grid
+constexpr int kPiecesInFlight = 4;                   // loads a lane issues before it adds
 
-template <int kDV>
-struct CombineSmem {
-  float partial[kCombineWarps][kDV];  // each warp's weighted sum over its pieces
-  float warp_max[kCombineWarps], warp_sum[kCombineWarps];
+// The pieces of one output row and where its result goes.
+struct CombineRow {
+  const float* lse_accum;  // piece k's lse at lse_accum[k * piece_stride]
+  const float* o_accum;    // piece k's row at o_accum + k * piece_stride * dv
+  i64 piece_stride;
+  u16* out;
+  float* lse;
 };
+
+__device__ __forceinline__ float warp_max(float x) {
+  for (int d = 16; d > 0; d /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, d));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int d = 16; d > 0; d /= 2) x += __shfl_xor_sync(0xffffffff, x, d);
+  return x;
+}
+
+// Lane `lane` adds pieces k0, k0 + step, ... < n of one 128-column chunk (its 4 columns
+// at 4 * lane), weighted by exp2(lse_k - lse_total), kPiecesInFlight loads at a time.
+__device__ __forceinline__ float4 sum_chunk(const CombineRow& row, int dv, int chunk, int k0, int n, int step,
+                                            float lse_total, int lane) {
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float* base = row.o_accum + chunk * kChunkCols + lane * 4;
+  for (int k = k0; k < n; k += kPiecesInFlight * step) {
+    float4 v[kPiecesInFlight];
+    float w[kPiecesInFlight];
+#pragma unroll
+    for (int i = 0; i < kPiecesInFlight; ++i) {
+      const int kk = k + i * step;
+      const bool live = kk < n;
+      v[i] = live ? *(const float4*)(base + kk * row.piece_stride * dv) : make_float4(0.f, 0.f, 0.f, 0.f);
+      w[i] = live ? row.lse_accum[kk * row.piece_stride] : -__int_as_float(0x7f800000);
+    }
+#pragma unroll
+    for (int i = 0; i < kPiecesInFlight; ++i) {
+      const float wi = ex2(w[i] - lse_total);  // 0 for dead slots and pieces that saw no key
+      acc.x += wi * v[i].x; acc.y += wi * v[i].y; acc.z += wi * v[i].z; acc.w += wi * v[i].w;
+    }
+  }
+  return acc;
+}
+
+__device__ __forceinline__ void write_lse(const CombineRow& row, bool empty, float lse_total) {
+  *row.lse = empty ? __int_as_float(0x7f800000) : lse_total * kLn2;
+}
+
+// Few pieces: one warp merges one row on its own.
+template <typename T, int kDV>
+__device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
+  float mx = -__int_as_float(0x7f800000);
+  for (int k = lane; k < n; k += 32) mx = fmaxf(mx, row.lse_accum[k * row.piece_stride]);
+  mx = warp_max(mx);
+  float sum = 0.f;
+  if (mx != -__int_as_float(0x7f800000))
+    for (int k = lane; k < n; k += 32) sum += ex2(row.lse_accum[k * row.piece_stride] - mx);
+  sum = warp_sum(sum);
+  const bool empty = !(sum > 0.f);  // no piece, or no piece saw a key
+  const float lse_total = mx + __log2f(sum);
+#pragma unroll
+  for (int c = 0; c < kDV / kChunkCols; ++c) {
+    const float4 acc = empty ? make_float4(0.f, 0.f, 0.f, 0.f) : sum_chunk(row, kDV, c, 0, n, 1, lse_total, lane);
+    *(uint2*)(row.out + c * kChunkCols + lane * 4) = make_uint2(cvt_pack(acc.x, acc.y, T{}), cvt_pack(acc.z, acc.w, T{}));
+  }
+  if (lane == 0) write_lse(row, empty, lse_total);
+}
+
+// Many pieces: the CTA's 8 warps merge one 128-column chunk of one row.
+template <typename T, int kDV>
+__device__ void combine_chunk_by_cta(const CombineRow& row, int n, int chunk, int tid) {
+  __shared__ float4 partial[kCombineWarps][32];
+  __shared__ float warp_stat[2][kCombineWarps];
+  const int warp = tid / 32, lane = tid % 32;
+  const float inf = __int_as_float(0x7f800000);
+  // log2-sum-exp over the pieces: every thread strides over them, then the CTA reduces.
+  float mx = -inf;
+  for (int k = tid; k < n; k += kCombineThreads) mx = fmaxf(mx, row.lse_accum[k * row.piece_stride]);
+  mx = warp_max(mx);
+  if (lane == 0) warp_stat[0][warp] = mx;
+  __syncthreads();
+  mx = -inf;
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) mx = fmaxf(mx, warp_stat[0][w]);
+  float sum = 0.f;
+  if (mx != -inf)
+    for (int k = tid; k < n; k += kCombineThreads) sum += ex2(row.lse_accum[k * row.piece_stride] - mx);
+  sum = warp_sum(sum);
+  if (lane == 0) warp_stat[1][warp] = sum;
+  __syncthreads();
+  sum = 0.f;
+#pragma unroll
+  for (int w = 0; w < kCombineWarps; ++w) sum += warp_stat[1][w];
+  const bool empty = !(sum > 0.f);
+  const float lse_total = mx + __log2f(sum);
+
+  partial[warp][lane] = empty ? make_float4(0.f, 0.f, 0.f, 0.f)
+                              : sum_chunk(row, kDV, chunk, warp, n, kCombineWarps, lse_total, lane);
+  __syncthreads();
+  if (tid < kChunkCols / 2) {  // thread t owns columns 2t, 2t + 1 of the chunk
+    const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
+    float o0 = 0.f, o1 = 0.f;
+#pragma unroll
+    for (int w = 0; w < kCombineWarps; ++w) {
+      o0 += flat[w * kChunkCols + 2 * tid];
+      o1 += flat[w * kChunkCols + 2 * tid + 1];
+    }
+    *(u32*)(row.out + chunk * kChunkCols + 2 * tid) = cvt_pack(o0, o1, T{});
+  }
+  if (tid == 0 && chunk == 0) write_lse(row, empty, lse_total);
+}
 
 template <typename T, int kDV>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ CombineParams p) {
-  static_assert(kDV % 128 == 0, "each lane owns kDV / 128 runs of 4 columns");
-  constexpr int kRuns = kDV / 128;
-  __shared__ CombineSmem<kDV> smem;
+  static_assert(kDV % kChunkCols == 0, "a lane owns 4 columns of each 128-column chunk");
+  constexpr int kChunks = kDV / kChunkCols;
+  // Every CTA waits, even one with nothing to merge: this grid then completes only after
+  // the decode kernel, so work queued after it in the stream sees all of out and lse.
+  grid_dependency_wait();  // the decode kernel has finished: its partials are visible
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
-  const i64 item = blockIdx.x;
-  const int req = (int)(item / (p.h_kv * rows));
-  const int head_kv = (int)(item / rows % p.h_kv);
-  const int r = (int)(item % rows);
+  // Few pieces: CTA = (request, KV head, group of 8 rows), warp = row.
+  // Many pieces: CTA = (request, KV head, row, chunk).
+  const i64 per_head = p.chunked ? rows * kChunks : (rows + kCombineWarps - 1) / kCombineWarps;
+  const int req = (int)(blockIdx.x / (p.h_kv * per_head));
+  const int head_kv = (int)(blockIdx.x / per_head % p.h_kv);
+  const int item = (int)(blockIdx.x % per_head);
+  const int r = p.chunked ? item / kChunks : item * kCombineWarps + warp;
 
   const int first = p.num_splits[req];
   const int n = p.num_splits[req + 1] - first;
   const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
-  if (n == 1 || r >= span.count * p.heads_per_kv) return;  // written by decode, or no such row
+  const int req_rows = span.count * (int)p.heads_per_kv;
+  // Uniform per CTA in the many-pieces grid, so the early return skips no barrier.
+  if (n == 1 || r >= req_rows) return;  // written by decode, or no such row
 
   const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
-  u16* out = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride;
-  const float inf = __int_as_float(0x7f800000);
-  auto piece_row = [&](int k) { return ((i64)(first + k) * p.h_kv + head_kv) * rows + r; };
-
-  // Global log2-sum-exp over the pieces: every thread strides over them, then the block reduces.
-  float mx = -inf;
-  for (int k = tid; k < n; k += kCombineThreads) mx = fmaxf(mx, p.lse_accum[piece_row(k)]);
-  for (int d = 16; d > 0; d /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, d));
-  if (lane == 0) smem.warp_max[warp] = mx;
-  __syncthreads();
-  mx = -inf;
-#pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) mx = fmaxf(mx, smem.warp_max[w]);
-  float sum = 0.f;
-  if (mx != -inf)
-    for (int k = tid; k < n; k += kCombineThreads) sum += ex2(p.lse_accum[piece_row(k)] - mx);
-  for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffff, sum, d);
-  if (lane == 0) smem.warp_sum[warp] = sum;
-  __syncthreads();
-  sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) sum += smem.warp_sum[w];
-  const bool empty = !(sum > 0.f);  // no piece, or no piece saw a key
-  const float lse_total = empty ? inf : mx + __log2f(sum);
-
-  // Each warp: weighted sum of its pieces; lane owns columns 4 * lane + 128 * c.
-  float acc[kRuns][4] = {};
-  if (!empty) {
-    for (int k = warp; k < n; k += kCombineWarps) {
-      const float w = ex2(p.lse_accum[piece_row(k)] - lse_total);
-      const float* src = p.o_accum + piece_row(k) * kDV;
-#pragma unroll
-      for (int c = 0; c < kRuns; ++c) {
-        const float4 v = *(const float4*)(src + c * 128 + lane * 4);
-        acc[c][0] += w * v.x; acc[c][1] += w * v.y; acc[c][2] += w * v.z; acc[c][3] += w * v.w;
-      }
-    }
-  }
-#pragma unroll
-  for (int c = 0; c < kRuns; ++c)
-    *(float4*)&smem.partial[warp][c * 128 + lane * 4] = make_float4(acc[c][0], acc[c][1], acc[c][2], acc[c][3]);
-  __syncthreads();
-
-  // Sum the warps' partials: thread tid owns columns 2 tid, 2 tid + 1 (kDV / 2 threads).
-  for (int col = 2 * tid; col < kDV; col += 2 * kCombineThreads) {
-    float o0 = 0.f, o1 = 0.f;
-#pragma unroll
-    for (int w = 0; w < kCombineWarps; ++w) {
-      o0 += smem.partial[w][col];
-      o1 += smem.partial[w][col + 1];
-    }
-    *(u32*)(out + col) = cvt_pack(o0, o1, T{});
-  }
-  if (tid == 0)
-    p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] = empty ? inf : lse_total * kLn2;
+  const i64 piece0 = ((i64)first * p.h_kv + head_kv) * rows + r;
+  const CombineRow row{p.lse_accum + piece0, p.o_accum + piece0 * kDV, p.h_kv * rows,
+                       (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride,
+                       p.lse + req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride};
+  if (p.chunked)
+    combine_chunk_by_cta<T, kDV>(row, n, item % kChunks, tid);
+  else
+    combine_row_by_warp<T, kDV>(row, n, lane);
 }
 
 }  // namespace flashmla

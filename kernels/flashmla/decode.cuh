@@ -77,6 +77,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   // owns rows 16 (w % 4).. of wgmma's accumulators, i.e. the same rows as row group rg.
   static_assert(!kWgmma || (kSTokens == 64 && kCols == 256), "wgmma shapes are m64n64 (S) and m64n256 (O)");
 
+  // Let the combine kernel's CTAs be scheduled as SMs free up; they wait for this grid.
+  grid_launch_dependents();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD>*>(smem_raw);
 

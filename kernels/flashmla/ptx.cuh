@@ -83,6 +83,13 @@ __device__ __forceinline__ float ex2(float x) {
   return r;
 }
 
+// ---- programmatic dependent launch (sm_90): no-ops when launched without it --------
+// The next kernel in the stream may be scheduled once every CTA of this one has called
+// this (or exited).
+__device__ __forceinline__ void grid_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;\n" ::); }
+// Wait until the previous kernel in the stream has completed and its writes are visible.
+__device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
+
 // ---- named barriers: sync a subset of warps (id 0 is __syncthreads) -----------------
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
