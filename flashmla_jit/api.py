@@ -89,14 +89,20 @@ def _compiling(x) -> bool:
     return torch.compiler.is_compiling()
 
 
-def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int):
+def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, *, num_seqs=None, out=None):
     """Split-KV schedule for one decode step, computed on the GPU.
 
     cache_seqlens: (batch,) int32 on the GPU. num_heads_per_head_k: s_q * h_q // h_kv
     (query rows per KV head). num_heads_k: h_kv. Returns (tile_scheduler_metadata
     (num_parts, 8) int32, num_splits (batch + 1,) int32) in the caller's framework.
+
+    For CUDA graphs captured at a fixed batch: `num_seqs` (an int, or a 1-element int32
+    array on the GPU, read there) says how many leading requests are real; the rest are
+    padding, get no work, and their rows of out / lse are never written. `out` =
+    (tile_scheduler_metadata, num_splits) writes into caller-owned buffers of the shapes
+    a first call returned, so one step's metadata can live at fixed addresses.
     """
-    if _compiling(cache_seqlens):
+    if _compiling(cache_seqlens) and num_seqs is None and out is None:
         import torch
         return torch.ops.flashmla_jit.get_mla_metadata(cache_seqlens, num_heads_per_head_k, num_heads_k)
     seqlens = describe(cache_seqlens, "cache_seqlens")
@@ -107,15 +113,45 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
         raise ValueError("cache_seqlens must hold at least one sequence, got batch 0")
     _check_positive_int("num_heads_per_head_k", num_heads_per_head_k)
     _check_positive_int("num_heads_k", num_heads_k)
-    device = _check_device({"cache_seqlens": seqlens})
+    batch = seqlens.shape[0]
+    arrays = {"cache_seqlens": seqlens}
+    active, active_ptr = batch, 0
+    if isinstance(num_seqs, int) and not isinstance(num_seqs, bool):
+        if not 0 <= num_seqs <= batch:
+            raise ValueError(f"num_seqs must be in [0, {batch}] (cache_seqlens' batch), got {num_seqs}")
+        active = num_seqs
+    elif num_seqs is not None:
+        arrays["num_seqs"] = nt = describe(num_seqs, "num_seqs")
+        _check_dtype(nt, "num_seqs", ("int32",))
+        if nt.shape not in ((1,), ()):
+            raise ValueError(f"num_seqs must be an int or a 1-element int32 array, got shape {nt.shape}")
+        active_ptr = nt.ptr
+    from .params import SCHED_RECORD_INTS, MetadataParams
+    if out is not None:
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise TypeError("out must be a (tile_scheduler_metadata, num_splits) pair of int32 arrays")
+        sched, num_splits = out
+        arrays["out[0]"] = st = describe(sched, "out[0] (tile_scheduler_metadata)")
+        arrays["out[1]"] = nst = describe(num_splits, "out[1] (num_splits)")
+        for t, name in ((st, "out[0] (tile_scheduler_metadata)"), (nst, "out[1] (num_splits)")):
+            _check_dtype(t, name, ("int32",))
+            _check_contiguous(t, name)
+        if st.ndim != 2 or st.shape[1] != SCHED_RECORD_INTS or not 1 <= st.shape[0] <= MAX_PARTS:
+            raise ValueError(f"out[0] (tile_scheduler_metadata) must have shape (num_parts, {SCHED_RECORD_INTS}) "
+                             f"with 1 <= num_parts <= {MAX_PARTS}, got {st.shape}")
+        if nst.shape != (batch + 1,):
+            raise ValueError(f"out[1] (num_splits) must have shape ({batch + 1},) (batch + 1), got {nst.shape}")
+        device = _check_device(arrays)
+        num_parts, sched_ptr, splits_ptr = st.shape[0], st.ptr, nst.ptr
+    else:
+        device = _check_device(arrays)
+        num_parts = _num_parts(device, num_heads_per_head_k, num_heads_k)
+        sched = empty(seqlens, (num_parts, SCHED_RECORD_INTS), "int32")
+        num_splits = empty(seqlens, (batch + 1,), "int32")
+        sched_ptr, splits_ptr = _ptr(sched), _ptr(num_splits)
 
     from . import driver
-    from .params import SCHED_RECORD_INTS, MetadataParams
-    batch = seqlens.shape[0]
-    num_parts = _num_parts(device, num_heads_per_head_k, num_heads_k)
-    sched = empty(seqlens, (num_parts, SCHED_RECORD_INTS), "int32")
-    num_splits = empty(seqlens, (batch + 1,), "int32")
-    params = MetadataParams(seqlens.ptr, _ptr(sched), _ptr(num_splits), batch, num_parts, BLOCK_N,
+    params = MetadataParams(seqlens.ptr, active_ptr, sched_ptr, splits_ptr, batch, active, num_parts, BLOCK_N,
                             OVERHEAD_BLOCKS)
     driver.launch(METADATA_SPEC, device, (1, 1, 1), params, current_stream(seqlens))
     return sched, num_splits
@@ -325,7 +361,7 @@ class _DecodePlan:
         chunked = num_parts > 4 * batch
         self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
         self.combine_params = CombineParams(
-            *([0] * 6), *bsh(out_shape, o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
+            *([0] * 7), *bsh(out_shape, o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
             int(chunked))
         per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
@@ -367,8 +403,8 @@ class _DecodePlan:
          dp.out, dp.lse, dp.o_accum, dp.lse_accum) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
                                                       out_ptr, lse_ptr, o_accum, lse_accum)
         cp = type(self.combine_params).from_buffer_copy(self.combine_params)
-        cp.num_splits, cp.cu_seqlens_q, cp.o_accum, cp.lse_accum, cp.out, cp.lse = (ns, cu, o_accum, lse_accum,
-                                                                                  out_ptr, lse_ptr)
+        cp.sched, cp.num_splits, cp.cu_seqlens_q, cp.o_accum, cp.lse_accum, cp.out, cp.lse = (
+            sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
         # The combine starts while the decode kernel drains (programmatic dependent
         # launch) and waits on the GPU for its partials.
         launches = ((self.decode_spec, self.decode_grid, dp, stream, False),

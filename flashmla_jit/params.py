@@ -33,7 +33,8 @@ class DecodeParams(ctypes.Structure):
 
 class CombineParams(ctypes.Structure):
     _fields_ = [
-        ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P), ("out", P), ("lse", P),
+        ("sched", P), ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P), ("out", P),
+        ("lse", P),
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
         ("lse_batch_stride", I), ("lse_head_stride", I), ("lse_seq_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I), ("heads_per_kv", I), ("rows", I),
@@ -43,8 +44,8 @@ class CombineParams(ctypes.Structure):
 
 class MetadataParams(ctypes.Structure):
     _fields_ = [
-        ("seqlens", P), ("sched", P), ("num_splits", P),
-        ("batch", I), ("num_parts", I), ("block_n", I), ("overhead_blocks", I),
+        ("seqlens", P), ("num_seqs", P), ("sched", P), ("num_splits", P),
+        ("batch", I), ("active", I), ("num_parts", I), ("block_n", I), ("overhead_blocks", I),
     ]
 
 

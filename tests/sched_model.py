@@ -6,10 +6,12 @@ parts balanced) on this model.
 """
 
 
-def plan(seqlens, num_parts, block_n, overhead):
-    """Returns (sched records [num_parts][8], num_splits [batch + 1])."""
+def plan(seqlens, num_parts, block_n, overhead, active=None):
+    """Returns (sched records [num_parts][8], num_splits [batch + 1]). Requests at or past
+    `active` (default: all active) are padding: no piece."""
     batch = len(seqlens)
-    blocks = [-(-max(n, 0) // block_n) for n in seqlens]
+    active = batch if active is None else min(max(active, 0), batch)
+    blocks = [-(-max(n, 0) // block_n) if i < active else 0 for i, n in enumerate(seqlens)]
     costs = [nb + overhead if nb > 0 else 0 for nb in blocks]
     total = sum(costs)
     payload = max(1, -(-total // num_parts))
@@ -28,8 +30,8 @@ def plan(seqlens, num_parts, block_n, overhead):
     num_splits.append(piece_start)
     for q in range(num_parts + 1):
         if q * payload >= total:
-            begin[q] = [batch, 0, piece_start]
-    sched = [begin[q][:2] + begin[q + 1][:2] + [begin[q][2], 0, 0, 0] for q in range(num_parts)]
+            begin[q] = [active, 0, piece_start]
+    sched = [begin[q][:2] + begin[q + 1][:2] + [begin[q][2], active, 0, 0] for q in range(num_parts)]
     return sched, num_splits
 
 

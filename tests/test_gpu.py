@@ -234,6 +234,53 @@ def test_cuda_graph_replay_after_seqlens_change():
         assert_close(out, lse, ref_out, ref_lse, f"graph replay {trial}")
 
 
+def test_graph_with_padded_batch_and_caller_metadata_buffers():
+    # Captured once at batch 16; each replay runs `active` real requests. Metadata goes
+    # to fixed caller buffers (computed once per step, read by every "layer"), padding
+    # rows do no work and keep whatever the caller left in out / lse.
+    cap, s_q, h_q = 16, 1, 16
+    q, k_cache, block_table, _ = make_inputs(cap, s_q, h_q, 1, [6000] * cap, nan_tail=False)
+    lens = torch.randint(1, 6000, (cap,), dtype=torch.int32, device="cuda")
+    num_seqs = torch.tensor([cap], dtype=torch.int32, device="cuda")
+    sched, ns = get_mla_metadata(lens, s_q * h_q, 1)
+    out = torch.empty(cap, s_q, h_q, 512, dtype=torch.bfloat16, device="cuda")
+    lse = torch.empty(cap, h_q, s_q, device="cuda")
+    layers = 2
+    outs = [torch.empty_like(out) for _ in range(layers)]
+    lses = [torch.empty_like(lse) for _ in range(layers)]
+
+    def step():
+        get_mla_metadata(lens, s_q * h_q, 1, num_seqs=num_seqs, out=(sched, ns))
+        for o, l in zip(outs, lses):
+            flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, sched, ns, out=o, lse=l)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for active in (16, 5, 1, 0):
+        num_seqs.fill_(active)
+        new_lens = torch.randint(0, 6000, (cap,), dtype=torch.int32, device="cuda")
+        new_lens[active:] = torch.randint(6000, 100000, (cap - active,), dtype=torch.int32)  # stale garbage
+        lens.copy_(new_lens)
+        for o, l in zip(outs, lses):
+            o.fill_(7.0)
+            l.fill_(7.0)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference(q[:active], k_cache, block_table[:active], lens[:active], 512)
+        for o, l in zip(outs, lses):
+            if active:
+                assert_close(o[:active], l[:active], ref_out, ref_lse, f"padded graph, active={active}")
+            assert (o[active:] == 7.0).all() and (l[active:] == 7.0).all(), f"padding written, active={active}"
+        assert ns[active:].eq(ns[active]).all()  # no pieces for padding
+        assert (sched[:, 5] == active).all()
+
+
 def test_metadata_matches_python_model():
     from sched_model import plan
     from flashmla_jit.api import OVERHEAD_BLOCKS
@@ -245,6 +292,11 @@ def test_metadata_matches_python_model():
         exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS)
         assert ns.cpu().tolist() == exp_ns
         assert sched.cpu().tolist() == exp_sched
+        active = batch // 3  # padding past it, counted on the GPU
+        sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv, num_seqs=torch.tensor([active], device="cuda",
+                                                                                      dtype=torch.int32))
+        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, active=active)
+        assert (ns.cpu().tolist(), sched.cpu().tolist()) == (exp_ns, exp_sched)
 
 
 def test_torch_compile_fullgraph_traces_the_ops():

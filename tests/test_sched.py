@@ -52,3 +52,17 @@ def test_plan_balances_parts(lens, parts):
     payload = max(1, -(-total // parts))
     # a part does at most its payload of blocks plus one extra overhead per piece boundary
     assert max(load) <= payload + 2 * overhead
+
+
+@pytest.mark.parametrize("active", [0, 1, 5, 7])
+def test_padding_requests_get_no_work(active):
+    # A batch captured at 8 with `active` real requests: the padding's seqlens hold stale
+    # values, yet no part visits them and every record carries the active count.
+    lens = [3000, 0, 70, 9000, 64, 1, 20000, 4000]
+    sched, num_splits = plan(lens, 33, 64, 5, active=active)
+    real, _ = plan(lens[:active], 33, 64, 5)
+    assert all(rec[5] == active for rec in sched)
+    assert num_splits[active:] == [num_splits[active]] * (9 - active)  # no pieces past the active ones
+    done = {(req, blk) for _, req, lo, hi, _ in pieces_of(sched, num_splits, lens, 64) for blk in range(lo, hi)}
+    assert done == {(r, b) for r in range(active) for b in range(-(-lens[r] // 64))}
+    assert [rec[:5] for rec in sched] == [rec[:5] for rec in real]  # same plan as the real batch alone

@@ -148,3 +148,24 @@ def test_validate_mode_negative_seqlen():
     lens = describe(torch.tensor([-1], dtype=torch.int32), "cache_seqlens")
     with pytest.raises(ValueError, match=r"cache_seqlens\[0\] = -1 is negative"):
         api._validate_on_host(table, lens, 64, 10)
+
+
+def test_metadata_graph_arguments():
+    lens = torch.full((4,), 100, dtype=torch.int32)
+    sched, ns = torch.zeros(132, 8, dtype=torch.int32), torch.zeros(5, dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"num_seqs must be in \[0, 4\]"):
+        get_mla_metadata(lens, 16, 1, num_seqs=5)
+    with pytest.raises(TypeError, match="num_seqs must have dtype int32"):
+        get_mla_metadata(lens, 16, 1, num_seqs=torch.tensor([2]))
+    with pytest.raises(ValueError, match="num_seqs must be an int or a 1-element int32 array"):
+        get_mla_metadata(lens, 16, 1, num_seqs=torch.tensor([2, 3], dtype=torch.int32))
+    with pytest.raises(TypeError, match=r"out must be a \(tile_scheduler_metadata, num_splits\) pair"):
+        get_mla_metadata(lens, 16, 1, out=sched)
+    with pytest.raises(ValueError, match=r"out\[0\] \(tile_scheduler_metadata\) must have shape \(num_parts, 8\)"):
+        get_mla_metadata(lens, 16, 1, out=(torch.zeros(132, 4, dtype=torch.int32), ns))
+    with pytest.raises(ValueError, match=r"out\[1\] \(num_splits\) must have shape \(5,\)"):
+        get_mla_metadata(lens, 16, 1, out=(sched, torch.zeros(4, dtype=torch.int32)))
+    with pytest.raises(TypeError, match=r"out\[1\] \(num_splits\) must have dtype int32"):
+        get_mla_metadata(lens, 16, 1, out=(sched, torch.zeros(5)))
+    with pytest.raises(ValueError, match="cache_seqlens must be on a CUDA device"):  # well formed otherwise
+        get_mla_metadata(lens, 16, 1, num_seqs=3, out=(sched, ns))

@@ -10,7 +10,8 @@
 //   and the warps' sums meet in shared memory.
 // Requests that ran as a single piece were written by the decode kernel and are
 // skipped; requests with no piece (seqlen 0) get out = 0 and lse = +inf here, so every
-// output is always written.
+// output of an active request is always written. Padding requests (at or past the
+// active count in the scheduler records) are never written.
 //
 // The kernel may start before the decode kernel has finished (programmatic dependent
 // launch); every CTA waits for it (griddepcontrol.wait) before anything else.
@@ -158,6 +159,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   const int req_rows = span.count * (int)p.heads_per_kv;
   // Uniform per CTA in the many-pieces grid, so the early return skips no barrier.
   if (n == 1 || r >= req_rows) return;  // written by decode, or no such row
+  if (req >= p.sched[5]) return;        // padding of a batch captured larger: never written
 
   const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;

@@ -6,7 +6,8 @@
 // [q * payload, (q + 1) * payload). A request whose blocks straddle cuts becomes several
 // pieces, merged later by the combine kernel. Everything follows from two prefix sums,
 // so one CTA computes it in a couple of block-wide scans (tests/sched_model.py is the
-// pure-Python twin of this file).
+// pure-Python twin of this file). Parts past the line's end begin and end at request
+// `active`, so no part reaches a padding request.
 #pragma once
 #include "params.cuh"
 
@@ -46,11 +47,15 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   const int tid = threadIdx.x;
   const int batch = (int)p.batch, parts = (int)p.num_parts, ovh = (int)p.overhead_blocks;
   const int block_n = (int)p.block_n;
+  // Requests at or past `active` are padding of a batch captured larger (CUDA graphs):
+  // they get no piece, whatever their seqlens hold, and the kernels skip them.
+  const int active = min(max(p.num_seqs ? *p.num_seqs : (int)p.active, 0), batch);
+  auto blocks_of = [&](int i) { return i < active ? (max(p.seqlens[i], 0) + block_n - 1) / block_n : 0; };
 
   // Pass 1: total cost, hence the payload per part.
   int local = 0;
   for (int i = tid; i < batch; i += kMetadataThreads) {
-    const int nb = i < batch ? (max(p.seqlens[i], 0) + block_n - 1) / block_n : 0;
+    const int nb = blocks_of(i);
     local += nb > 0 ? nb + ovh : 0;
   }
   int total;
@@ -61,7 +66,7 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   int cost_carry = 0, piece_carry = 0;
   for (int base = 0; base < batch; base += kMetadataThreads) {
     const int i = base + tid;
-    const int nb = i < batch ? (max(p.seqlens[i], 0) + block_n - 1) / block_n : 0;
+    const int nb = blocks_of(i);
     const int cost = nb > 0 ? nb + ovh : 0;
     int chunk_cost, chunk_pieces;
     const int start = cost_carry + block_exclusive_scan(cost, warp_sums, chunk_cost);
@@ -83,7 +88,7 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   // Parts that start past the end of the line own nothing.
   for (int q = tid; q <= parts; q += kMetadataThreads) {
     if ((long long)q * payload >= total) {
-      part_begin[q][0] = batch;
+      part_begin[q][0] = active;
       part_begin[q][1] = 0;
       part_begin[q][2] = piece_carry;
     }
@@ -96,7 +101,8 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
     rec[2] = part_begin[q + 1][0];
     rec[3] = part_begin[q + 1][1];
     rec[4] = part_begin[q][2];
-    rec[5] = rec[6] = rec[7] = 0;
+    rec[5] = active;
+    rec[6] = rec[7] = 0;
   }
 }
 

@@ -22,7 +22,8 @@ __device__ __forceinline__ QuerySpan query_span(const int* cu_seqlens_q, int req
 //   [0] begin request  [1] begin block (in that request)
 //   [2] end request    [3] end block (exclusive, in the end request)
 //   [4] split index of the part's piece of the begin request
-//   [5..7] unused
+//   [5] active requests: those at or past it are padding (no work, no writes)
+//   [6..7] unused
 constexpr int kSchedRecordInts = 8;
 
 struct DecodeParams {
@@ -55,6 +56,7 @@ struct DecodeParams {
 };
 
 struct CombineParams {
+  const int* sched;           // (num_parts, kSchedRecordInts): record 0 holds the active count
   const int* num_splits;      // (batch + 1,)
   const int* cu_seqlens_q;    // as in DecodeParams
   const float* o_accum;       // (pieces, h_kv, rows, head_dim_v)
@@ -70,9 +72,11 @@ struct CombineParams {
 
 struct MetadataParams {
   const int* seqlens;         // (batch,)
+  const int* num_seqs;        // (1,) active requests, those past it are padding; null: `active`
   int* sched;                 // (num_parts, kSchedRecordInts)
   int* num_splits;            // (batch + 1,)
   i64 batch;
+  i64 active;                 // active requests when num_seqs is null
   i64 num_parts;
   i64 block_n;                // tokens per block in the decode kernel
   i64 overhead_blocks;        // fixed cost of one piece, in blocks
