@@ -17,10 +17,12 @@ DTYPES = {"bf16": "flashmla::bf16_t", "fp16": "flashmla::fp16_t"}
 
 # Head dims the templates are written for: (d, dv). d is the K/Q row (latent + rope),
 # dv the V row (a prefix of K). The kernels need d % 64 == 0 (128-byte swizzle atoms
-# of 64 elements) and dv = 512 (the 64-row tile's two m64n256 halves; 16 and 32-row
-# tiles give each warp a whole number of 64-column sub-tiles). (576, 512) is DeepSeek
-# V2/V3's latent 512 + rope 64; (512, 512) is a latent cache with no rope part.
-SUPPORTED_HEAD_DIMS = ((576, 512), (512, 512))
+# of 64 elements), and each warp a whole number of 64-column sub-tiles of O: dv = 512
+# fits every tile (the 64-row tile's two m64n256 halves), dv = 256 the 32-row tile
+# only (4 warps x 64 columns), so it runs every row count on 32-row tiles. (576, 512)
+# is DeepSeek V2/V3's latent 512 + rope 64; (512, 512) a latent cache with no rope
+# part; (320, 256) a smaller MLA's latent 256 + rope 64.
+SUPPORTED_HEAD_DIMS = ((576, 512), (512, 512), (320, 256))
 DEEPSEEK_HEAD_DIMS = (576, 512)
 
 TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
@@ -49,8 +51,9 @@ class KernelSpec:
             raise ValueError(
                 f"head dims (d={self.head_dim}, dv={self.head_dim_v}) are not supported; "
                 f"supported: {', '.join(f'(d={d}, dv={v})' for d, v in SUPPORTED_HEAD_DIMS)}")
-        if self.tile_rows not in TILE_ROWS:
-            raise ValueError(f"tile_rows must be one of {TILE_ROWS}, got {self.tile_rows}")
+        if self.kind == "decode" and self.tile_rows not in tile_rows_allowed(self.head_dim_v):
+            raise ValueError(f"tile_rows must be one of {tile_rows_allowed(self.head_dim_v)} for "
+                             f"head_dim_v={self.head_dim_v}, got {self.tile_rows}")
 
     # ---- code generation -------------------------------------------------------------
     @property
@@ -105,18 +108,23 @@ class KernelSpec:
         return kv + q + p + row_stats
 
 
+def tile_rows_allowed(head_dim_v: int) -> tuple:
+    return TILE_ROWS if head_dim_v == 512 else (32,)
+
+
 @functools.cache
-def tile_rows_for(rows: int) -> int:
+def tile_rows_for(rows: int, head_dim_v: int = 512) -> int:
     """Query-tile height for `rows` query rows per KV head: the shortest that holds
-    them, so few heads do not pay for padding rows (64 beyond that: 64-row tiles)."""
-    return next((m for m in TILE_ROWS if rows <= m), TILE_ROWS[-1])
+    them, so few heads do not pay for padding rows (the tallest beyond that)."""
+    allowed = tile_rows_allowed(head_dim_v)
+    return next((m for m in allowed if rows <= m), allowed[-1])
 
 
 @functools.cache  # called on every decode: build (and validate) each spec once
 def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int) -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
-                      tile_rows=tile_rows_for(rows))
+                      tile_rows=tile_rows_for(rows, head_dim_v))
 
 
 @functools.cache
@@ -131,7 +139,7 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
     """Every spec a decode step with these choices can touch (for precompile)."""
     out = [METADATA_SPEC]
     for dtype, (d, dv) in itertools.product(dtypes, head_dims):
-        for c, m in itertools.product(causal, TILE_ROWS):
+        for c, m in itertools.product(causal, tile_rows_allowed(dv)):
             out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m))
         out.append(combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))

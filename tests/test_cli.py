@@ -37,7 +37,7 @@ def test_selection_maps_flags_to_specs():
     no_rope = selected("--head-dims", "512,512", "--heads", "16", "--s-q", "1")
     assert [(s.kind, s.head_dim) for s in no_rope] == [("metadata", 576), ("decode", 512), ("combine", 512)]
     with pytest.raises(SystemExit):
-        selected("--head-dims", "320,256")
+        selected("--head-dims", "320,128")
 
 
 @pytest.fixture

@@ -33,15 +33,16 @@ def poison_allocator(*shapes_dtypes):
         torch.empty(shape, dtype=dtype, device="cuda").fill_(float("nan"))
 
 
-def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda", page_size=64, d=576):
+def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, device="cuda", page_size=64, d=576,
+             dv=512):
     q, k_cache, block_table, seqlens_t = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, device=device,
                                                      page_size=page_size, d=d)
     sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
     with torch.cuda.device(device):
-        poison_allocator(((batch, s_q, h_q, 512), dtype), ((batch, h_q, s_q), torch.float32))
-    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=causal)
-    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=causal)
-    assert out.shape == (batch, s_q, h_q, 512) and out.dtype == dtype and out.device == q.device
+        poison_allocator(((batch, s_q, h_q, dv), dtype), ((batch, h_q, s_q), torch.float32))
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, dv, sched, num_splits, causal=causal)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, dv, causal=causal)
+    assert out.shape == (batch, s_q, h_q, dv) and out.dtype == dtype and out.device == q.device
     assert lse.shape == (batch, h_q, s_q) and lse.dtype == torch.float32
     assert_close(out, lse, ref_out, ref_lse, f"b={batch} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={causal}")
 
@@ -102,6 +103,13 @@ def test_page_sizes(page_size):
 @pytest.mark.parametrize("h_q,s_q", [(16, 1), (16, 2), (128, 1)])
 def test_head_dim_512_without_rope(h_q, s_q):
     run_case(6, s_q, h_q, 1, [0, 1, 63, 700, 3000, 5000], causal=True, d=512)
+
+
+@pytest.mark.parametrize("h_q,s_q,h_kv", [(16, 1, 1), (16, 2, 1), (128, 1, 1), (64, 2, 2), (3, 1, 1)])
+def test_head_dims_320_256(h_q, s_q, h_kv):
+    # a smaller MLA: latent 256 + rope 64, every row count on 32-row tiles
+    run_case(6, s_q, h_q, h_kv, [0, 1, 63, 700, 3000, 9000], causal=True, d=320, dv=256)
+    run_case(1, s_q, h_q, h_kv, [20000], causal=False, d=320, dv=256)  # split over every SM
 
 
 def test_caller_owned_out_and_lse():
