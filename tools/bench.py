@@ -2,8 +2,9 @@
 
   python tools/bench.py [--quick] [--json PATH]
 
-Ceilings: device-to-device copy (bytes read + written), a large read (sum over 4 GiB),
-bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
+FlashMLA is timed beside ours when .peer/flashmla_peer.py exists (a local build of
+FlashMLA in a git-ignored folder; never committed). Ceilings: device-to-device copy
+(bytes read + written), a large read (sum over 4 GiB), bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
 computed once per step and reused by all layers, so it is timed apart) with triton's
 do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison.
 FLOPs and bytes as in DESIGN.md section 6. Also: cold compile, warm-cache first call
@@ -28,6 +29,21 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+
+
+def load_peer():
+    """FlashMLA built from source for side-by-side timing, if present in the git-ignored
+    .peer/ folder (never part of this repository); None otherwise."""
+    path = os.path.join(ROOT, ".peer")
+    if not os.path.exists(os.path.join(path, "flashmla_peer.py")):
+        return None
+    sys.path.insert(0, path)
+    import flashmla_peer
+    flashmla_peer.load()
+    return flashmla_peer
+
+
+PEER = None
 
 
 def bench_ms(fn):
@@ -91,6 +107,14 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     nbytes = (total * 576 + batch * s_q * h_q * (576 + 512)) * 2
     row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "us": t_ms * 1e3,
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
+    if PEER is not None and page_size == 64:  # FlashMLA: 64-token pages only
+        p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
+        peer_call = lambda: PEER.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, p_sched, p_splits,
+                                                        causal=True)
+        out, _ = call()
+        peer_out, _ = peer_call()
+        row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
+        row["flashmla_us"] = bench_ms(graph_of(peer_call) if graph else peer_call) * 1e3
     if with_eager and not varlen:
         try:
             row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
@@ -151,7 +175,10 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--sections", default="b128,varlen,small,pages,jit",
                     help="comma-separated subset of b128,varlen,small,pages,jit")
+    ap.add_argument("--no-peer", action="store_true", help="do not time FlashMLA even if .peer/ has it")
     args = ap.parse_args()
+    global PEER
+    PEER = None if args.no_peer else load_peer()
     torch.manual_seed(0)
     print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}", flush=True)
     ceil = ceilings()
@@ -191,13 +218,16 @@ def main():
     print(f"ceilings (same run): copy {ceil['copy_gbs']:.0f} GB/s | read {ceil['read_gbs']:.0f} GB/s | "
           f"matmul {ceil['matmul_tflops']:.0f} TFLOPS")
     print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'page':>4} {'us':>8} {'GB/s':>6} {'%read':>6} "
-          f"{'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7}")
+          f"{'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
     for r in rows:
         eager = r.get("eager_us", float("nan"))
+        peer = r.get("flashmla_us", float("nan"))
+        mismatch = "" if r.get("peer_match", True) else " (outputs differ!)"
         print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>4} "
               f"{r['page']:>4} {r['us']:>8.1f} "
               f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
-              f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x")
+              f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x "
+              f"{peer:>11.1f} {peer / r['us']:>10.2f}x{mismatch}")
     if rows:
         print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
     if jit:
