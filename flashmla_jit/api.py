@@ -41,13 +41,14 @@ def _check_contiguous(t: Tensor, name: str):
         raise ValueError(f"{name} must be contiguous, got shape {t.shape} with strides {t.strides}")
 
 
-def _check_16_byte_rows(t: Tensor, name: str, dims):
+def _check_16_byte_rows(t: Tensor, name: str, dims, itemsize: int = 2):
     """cp.async moves 16-byte chunks: base and row strides must be 16-byte multiples."""
     if t.ptr % 16:
         raise ValueError(f"{name} must start at a 16-byte aligned address, got 0x{t.ptr:x}")
+    per_chunk = 16 // itemsize
     for d in dims:
-        if t.shape[d] > 1 and t.strides[d] % 8:
-            raise ValueError(f"{name} stride of dim {d} must be a multiple of 8 elements (16 bytes), "
+        if t.shape[d] > 1 and t.strides[d] % per_chunk:
+            raise ValueError(f"{name} stride of dim {d} must be a multiple of {per_chunk} elements (16 bytes), "
                              f"got strides {t.strides}")
 
 
@@ -124,7 +125,7 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int)
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
                            causal: bool = False, *, q_pe=None, k_pe_cache=None, cu_seqlens_q=None,
-                           max_seqlen_q: int | None = None, out=None, lse=None):
+                           max_seqlen_q: int | None = None, out=None, lse=None, k_scale=None):
     """MLA decode attention over a paged KV cache (FlashMLA's semantics).
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
@@ -138,12 +139,18 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     Split inputs: with q_pe, q holds only the latent columns (head_dim_v of them) and q_pe
     the rope columns; likewise k_pe_cache holds the rope columns of a cache whose latent
     part is k_cache. out / lse may be caller-owned buffers of the shapes above.
+    FP8 caches (float8_e4m3fn, or uint8 holding e4m3 bytes): last dim 576 / 512 is
+    per-tensor e4m3 (value = fp8 * k_scale; k_scale a float or a 1-element float32 device
+    tensor, read by the kernel); last dim 656 is FlashMLA's layout (512 e4m3, 4 fp32
+    scales, 64 bf16 rope per token; q bf16, d = 576, head_dim_v = 512; no k_scale).
     """
     if _compiling(q) and all(x is None for x in (q_pe, k_pe_cache, cu_seqlens_q, out, lse)):
         import torch
+        scale_tensor = k_scale if isinstance(k_scale, torch.Tensor) else None
         return torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                              tile_scheduler_metadata, num_splits, softmax_scale,
-                                                             causal)
+                                                             causal, scale_tensor,
+                                                             None if scale_tensor is not None else k_scale)
     qt = describe(q, "q")
     kt = describe(k_cache, "k_cache")
     bt = describe(block_table, "block_table")
@@ -162,12 +169,14 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         _check_rank(qt, "q", 4, "(batch, s_q, h_q, head_dim)")
         batch, s_q, h_q, q_dim = qt.shape
     _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
-    if kt.dtype != qt.dtype:
-        raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
+    kv = _kv_format(kt, qt, k_scale, k_pe_cache)
     qpt = _rope_part(q_pe, "q_pe", qt, "q", head_dim_v)
     kpt = _rope_part(k_pe_cache, "k_pe_cache", kt, "k_cache", head_dim_v)
     head_dim = q_dim + (qpt.shape[-1] if qpt else 0)
-    num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (kt.shape[3] + (kpt.shape[3] if kpt else 0),)
+    if kv[0] == "fp8_656":
+        _check_fp8_656(head_dim, head_dim_v)
+    k_row = 576 if kv[0] == "fp8_656" else kt.shape[3]  # the 656 bytes hold 576 columns
+    num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (k_row + (kpt.shape[3] if kpt else 0),)
     if k_dim != head_dim:
         raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got k_cache shape {kt.shape}")
     if not isinstance(head_dim_v, int) or (head_dim, head_dim_v) not in SUPPORTED_HEAD_DIMS:
@@ -180,7 +189,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_last_dim_contiguous(qt, "q")
     _check_last_dim_contiguous(kt, "k_cache")
     _check_16_byte_rows(qt, "q", range(qt.ndim - 1))
-    _check_16_byte_rows(kt, "k_cache", (0, 1, 2))
+    _check_16_byte_rows(kt, "k_cache", (0, 1, 2), 1 if kv[0] != "same" else 2)
 
     _check_dtype(bt, "block_table", ("int32",))
     _check_rank(bt, "block_table", 2, "(batch, max_blocks_per_seq)")
@@ -210,7 +219,8 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     _check_contiguous(ns, "num_splits")
     arrays = {"q": qt, "k_cache": kt, "block_table": bt, "cache_seqlens": sl,
               "tile_scheduler_metadata": sched, "num_splits": ns}
-    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt), ("cu_seqlens_q", cu)) if t})
+    arrays.update({name: t for name, t in (("q_pe", qpt), ("k_pe_cache", kpt), ("cu_seqlens_q", cu),
+                                           ("k_scale", kv[1])) if t})
     out_shape = qt.shape[:-1] + (head_dim_v,)
     lse_shape = (h_q, total_q) if cu is not None else (batch, h_q, s_q)
     ot = lt = None
@@ -240,7 +250,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         lse = empty(qt, lse_shape, "fp32")
         lt = describe(lse, "lse")
     scratch, launches = _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal,
-                                        ot, lt, qpt, kpt, cu, s_q)
+                                        ot, lt, qpt, kpt, cu, s_q, kv)
     from . import driver
     for launch in launches:
         driver.launch(*launch)
@@ -248,7 +258,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
 
 
 def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale, causal, ot, lt,
-                    qpt=None, kpt=None, cu=None, s_q=None):
+                    qpt=None, kpt=None, cu=None, s_q=None, kv=("same", None, 1.0)):
     """Scratch and the (spec, device, grid, params, stream) of each launch, for validated
     inputs and outputs (described).
 
@@ -262,6 +272,7 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     if cu is None:
         s_q = qt.shape[1]
     head_dim = qt.shape[-1] + (qpt.shape[-1] if qpt else 0)
+    kv_format, k_scale, k_scale_value = kv  # from _kv_format
     heads_per_kv = h_q // h_kv
     rows = s_q * heads_per_kv
 
@@ -284,12 +295,12 @@ def _prepare_decode(qt, kt, bt, sl, sched, ns, device, head_dim_v, softmax_scale
     stream = current_stream(qt)
     cu_ptr = cu.ptr if cu is not None else 0
 
-    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
+    decode = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format)
     params = DecodeParams(
         qt.ptr, kt.ptr, q_pe, k_pe, bt.ptr, sl.ptr, cu_ptr, sched.ptr, ns.ptr, ot.ptr, lt.ptr, o_accum, lse_accum,
         *bsh(qt), *kt.strides[:3], *q_pe_strides, *k_pe_strides, bt.strides[0], *bsh(ot), *lse_strides,
         batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
-        softmax_scale * math.log2(math.e))
+        softmax_scale * math.log2(math.e), k_scale.ptr if k_scale else 0, k_scale_value)
     combine = combine_spec(qt.dtype, head_dim, head_dim_v)
     cparams = CombineParams(ns.ptr, cu_ptr, o_accum, lse_accum, ot.ptr, lt.ptr, *bsh(ot), *lse_strides,
                             batch, s_q, h_q, h_kv, heads_per_kv, rows)
@@ -315,6 +326,63 @@ def _rope_part(x, name: str, main: Tensor, main_name: str, head_dim_v: int) -> T
     _check_last_dim_contiguous(t, name)
     _check_16_byte_rows(t, name, range(t.ndim - 1))
     return t
+
+
+# FP8 caches: torch's float8_e4m3fn, or raw e4m3 bytes as uint8 (cupy has no fp8 dtype;
+# serving engines often hold FlashMLA's 656-byte layout as uint8).
+FP8_CACHE_DTYPES = ("float8_e4m3fn", "uint8")
+
+
+def _kv_format(kt: Tensor, qt: Tensor, k_scale, k_pe_cache):
+    """(kv_format, k_scale described or None, k_scale as a float): the cache format
+    (spec.KV_FORMATS) read from k_cache's dtype and last dim, checked against k_scale."""
+    if kt.dtype not in FP8_CACHE_DTYPES:
+        if kt.dtype != qt.dtype:
+            raise TypeError(f"k_cache must have q's dtype {qt.dtype}, or be an FP8 cache (float8_e4m3fn, or "
+                            f"uint8 holding e4m3 bytes), got {kt.dtype}")
+        if k_scale is not None:
+            raise ValueError(f"k_scale applies only to an FP8 k_cache, but k_cache is {kt.dtype}")
+        return "same", None, 1.0
+    if k_pe_cache is not None:
+        raise ValueError("k_pe_cache is not supported with an FP8 k_cache: keep the rope columns in k_cache "
+                         "(per-tensor e4m3, last dim 576) or use the 656-byte layout")
+    last = kt.shape[3]
+    if last == 656:
+        if qt.dtype != "bf16":
+            raise TypeError(f"q must be bf16 with the 656-byte FP8 k_cache (its rope part is bf16), got {qt.dtype}")
+        if k_scale is not None:
+            raise ValueError("k_scale must be None with the 656-byte FP8 k_cache: its scales are stored "
+                             "in every token")
+        return "fp8_656", None, 1.0
+    if last not in (576, 512):
+        raise ValueError(f"an FP8 k_cache must have last dim 576 or 512 (per-tensor e4m3, with k_scale) or "
+                         f"656 (FlashMLA's layout: 512 e4m3 + 4 fp32 scales + 64 bf16), got shape {kt.shape}")
+    if k_scale is None:
+        raise ValueError(f"k_scale is required with a per-tensor FP8 k_cache (last dim {last}): pass the "
+                         "dequantization scale as a float or a 1-element float32 tensor on k_cache's device")
+    if isinstance(k_scale, (int, float)) and not isinstance(k_scale, bool):
+        if not (math.isfinite(k_scale) and k_scale > 0):
+            raise ValueError(f"k_scale must be a positive finite number, got {k_scale!r}")
+        return "fp8_e4m3", None, float(k_scale)
+    try:
+        st = describe(k_scale, "k_scale")
+    except TypeError:
+        raise TypeError(f"k_scale must be a float or a 1-element float32 tensor, got "
+                        f"{type(k_scale).__module__}.{type(k_scale).__name__}") from None
+    if st.dtype != "fp32":
+        raise TypeError(f"k_scale must have dtype fp32, got {st.dtype}")
+    if math.prod(st.shape) != 1:
+        raise ValueError(f"k_scale must hold exactly one element, got shape {st.shape}")
+    if st.device != kt.device:
+        where = "the host" if st.device is None else f"cuda:{st.device}"
+        raise ValueError(f"k_scale must be on k_cache's device, got {where}")
+    return "fp8_e4m3", st, 1.0
+
+
+def _check_fp8_656(head_dim: int, head_dim_v):
+    if (head_dim, head_dim_v) != (576, 512):
+        raise ValueError(f"the 656-byte FP8 k_cache holds d = 576 columns (512 latent + 64 rope): q's head_dim "
+                         f"must be 576 and head_dim_v 512, got head_dim {head_dim}, head_dim_v {head_dim_v!r}")
 
 
 def _ptr(array) -> int:
