@@ -161,3 +161,22 @@ def test_fp8_inputs_poison_page_tails_with_nan_bytes(kv_format):
         assert ((rows[n:] & 0x7F) == 0x7F).all()                   # e4m3 NaN bytes past the seqlen
         deq = fp8.dequantize_kv_cache_fp8(k8, k_scale, torch.float32)[table[i].long()].reshape(-1, 576)
         assert torch.isfinite(deq[:n]).all() and torch.isnan(deq[n:]).all()
+
+
+def test_fp8_kernel_spec():
+    from flashmla_jit import spec
+    s = spec.decode_spec("bf16", 576, 512, True, 2, 256, "fp8_656")
+    assert (s.tile_rows, s.causal, s.name) == (32, True, "decode.bf16.d576.dv512.m32.causal.kv_fp8_656")
+    assert s.name_expression.endswith(", true, flashmla::kKvFp8Ds>")
+    assert spec.decode_spec("fp16", 512, 512, False, 1, 16, "fp8_e4m3").tile_rows == 16
+    plain = spec.decode_spec("bf16", 576, 512, False, 1, 16)
+    assert plain.name_expression.endswith(", false>") and plain.kv_format == "same"   # unchanged for 16-bit caches
+    assert s.smem_bytes == 2 * 64 * 704 + 64 * 576 * 2 + 32 * 576 * 2 + 32 * 64 * 2 + 9 * 32 * 4
+    with pytest.raises(ValueError, match="FP8 caches run on tiles of at most 32 rows"):
+        spec.KernelSpec("decode", tile_rows=64, kv_format="fp8_e4m3")
+    with pytest.raises(ValueError, match="'fp8_656' is bf16 with d=576, dv=512 only"):
+        spec.KernelSpec("decode", "fp16", tile_rows=32, kv_format="fp8_656")
+    with pytest.raises(ValueError, match="a decode-kernel choice, not combine's"):
+        spec.KernelSpec("combine", kv_format="fp8_e4m3")
+    with pytest.raises(ValueError, match="kv_format must be one of"):
+        spec.KernelSpec("decode", tile_rows=32, kv_format="fp8")
