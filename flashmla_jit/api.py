@@ -41,13 +41,14 @@ def _check_contiguous(t: Tensor, name: str):
         raise ValueError(f"{name} must be contiguous, got shape {t.shape} with strides {t.strides}")
 
 
-def _check_16_byte_rows(t: Tensor, name: str, dims):
+def _check_16_byte_rows(t: Tensor, name: str, dims, itemsize: int = 2):
     """cp.async moves 16-byte chunks: base and row strides must be 16-byte multiples."""
     if t.ptr % 16:
         raise ValueError(f"{name} must start at a 16-byte aligned address, got 0x{t.ptr:x}")
+    per_chunk = 16 // itemsize
     for d in dims:
-        if t.shape[d] > 1 and t.strides[d] % 8:
-            raise ValueError(f"{name} stride of dim {d} must be a multiple of 8 elements (16 bytes), "
+        if t.shape[d] > 1 and t.strides[d] % per_chunk:
+            raise ValueError(f"{name} stride of dim {d} must be a multiple of {per_chunk} elements (16 bytes), "
                              f"got strides {t.strides}")
 
 
@@ -160,7 +161,7 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int,
 def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: int,
                            tile_scheduler_metadata, num_splits, softmax_scale: float | None = None,
                            causal: bool = False, *, q_pe=None, k_pe_cache=None, cu_seqlens_q=None,
-                           max_seqlen_q: int | None = None, out=None, lse=None):
+                           max_seqlen_q: int | None = None, out=None, lse=None, k_scale=None):
     """MLA decode attention over a paged KV cache (FlashMLA's semantics).
 
     q (b, s_q, h_q, d); k_cache (num_pages, page_size, h_kv, d), V = its first
@@ -174,15 +175,23 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     Split inputs: with q_pe, q holds only the latent columns (head_dim_v of them) and q_pe
     the rope columns; likewise k_pe_cache holds the rope columns of a cache whose latent
     part is k_cache. out / lse may be caller-owned buffers of the shapes above.
+    FP8 caches (float8_e4m3fn, or uint8 holding e4m3 bytes): last dim 576 / 512 is
+    per-tensor e4m3 (value = fp8 * k_scale; k_scale a float or a 1-element float32 device
+    tensor, read by the kernel); last dim 656 is FlashMLA's layout (512 e4m3, 4 fp32
+    scales, 64 bf16 rope per token; q bf16, d = 576, head_dim_v = 512; no k_scale).
     """
+    # A k_scale number is a scalar of the call; a k_scale array is read on the GPU.
+    scale_number = isinstance(k_scale, (int, float)) and not isinstance(k_scale, bool)
     arrays = (q, k_cache, block_table, cache_seqlens, tile_scheduler_metadata, num_splits,
-              q_pe, k_pe_cache, cu_seqlens_q, out, lse)
-    if _compiling(q) and all(x is None for x in arrays[6:]):
+              q_pe, k_pe_cache, cu_seqlens_q, out, lse, None if scale_number else k_scale)
+    if _compiling(q) and all(x is None for x in arrays[6:11]):
         import torch
+        scale_tensor = k_scale if isinstance(k_scale, torch.Tensor) else None
         return torch.ops.flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
                                                              tile_scheduler_metadata, num_splits, softmax_scale,
-                                                             causal)
-    scalars = (head_dim_v, softmax_scale, causal, max_seqlen_q)
+                                                             causal, scale_tensor,
+                                                             None if scale_tensor is not None else k_scale)
+    scalars = (head_dim_v, softmax_scale, causal, max_seqlen_q, k_scale if scale_number else None)
     # Hot path: a torch call whose signature (shapes, strides, dtypes, devices, scalars)
     # was validated before only reads the pointers and launches.
     key = _torch_signature(arrays, scalars)
@@ -191,7 +200,7 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
         ptrs = [x.data_ptr() if x is not None else 0 for x in arrays]
         if not plan.misaligned(ptrs):
             return plan.run(ptrs, q, out, lse, _torch_stream(plan.device))
-    described = [describe(x, name) if x is not None else None for x, name in zip(arrays, _ARG_NAMES)]
+    described = [_describe_arg(x, name) if x is not None else None for x, name in zip(arrays, _ARG_NAMES)]
     plan = _plan(described, *scalars)
     if key is not None:
         if len(_plans) >= 1024:  # long-lived processes see many batch sizes
@@ -203,9 +212,19 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
 
 
 _ARG_NAMES = ("q", "k_cache", "block_table", "cache_seqlens", "tile_scheduler_metadata", "num_splits",
-              "q_pe", "k_pe_cache", "cu_seqlens_q", "out", "lse")
+              "q_pe", "k_pe_cache", "cu_seqlens_q", "out", "lse", "k_scale")
 _plans: dict = {}
 _TORCH_TENSOR = None
+
+
+def _describe_arg(x, name: str) -> Tensor:
+    try:
+        return describe(x, name)
+    except TypeError:
+        if name != "k_scale":
+            raise
+        raise TypeError(f"k_scale must be a float or a 1-element float32 tensor, got "
+                        f"{type(x).__module__}.{type(x).__name__}") from None
 
 
 def _torch_signature(arrays, scalars):
@@ -233,9 +252,9 @@ def _torch_stream(device: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device)
 
 
-def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q) -> "_DecodePlan":
+def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q, scale_number) -> "_DecodePlan":
     """Validate described arguments (each error names its argument) and build the plan."""
-    qt, kt, bt, sl, sched, ns, qpt, kpt, cu, ot, lt = described
+    qt, kt, bt, sl, sched, ns, qpt, kpt, cu, ot, lt, kst = described
     _check_dtype(qt, "q", ("bf16", "fp16"))
     if cu is not None:
         _check_rank(qt, "q", 3, "(total_q, h_q, head_dim) with cu_seqlens_q")
@@ -247,12 +266,14 @@ def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q) -> "_Decod
         batch, s_q, h_q, q_dim = qt.shape
         total_q = None
     _check_rank(kt, "k_cache", 4, "(num_blocks, page_size, h_kv, head_dim)")
-    if kt.dtype != qt.dtype:
-        raise TypeError(f"k_cache must have q's dtype {qt.dtype}, got {kt.dtype}")
+    kv = _kv_format(kt, qt, kst if kst is not None else scale_number, kpt)
     qpt = _rope_part(qpt, "q_pe", qt, "q", head_dim_v)
     kpt = _rope_part(kpt, "k_pe_cache", kt, "k_cache", head_dim_v)
     head_dim = q_dim + (qpt.shape[-1] if qpt else 0)
-    num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (kt.shape[3] + (kpt.shape[3] if kpt else 0),)
+    if kv[0] == "fp8_656":
+        _check_fp8_656(head_dim, head_dim_v)
+    k_row = 576 if kv[0] == "fp8_656" else kt.shape[3]  # the 656 bytes hold 576 columns
+    num_pages, page_size, h_kv, k_dim = kt.shape[:3] + (k_row + (kpt.shape[3] if kpt else 0),)
     if k_dim != head_dim:
         raise ValueError(f"k_cache head_dim must equal q's ({head_dim}), got k_cache shape {kt.shape}")
     if not isinstance(head_dim_v, int) or (head_dim, head_dim_v) not in SUPPORTED_HEAD_DIMS:
@@ -265,7 +286,7 @@ def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q) -> "_Decod
     _check_last_dim_contiguous(qt, "q")
     _check_last_dim_contiguous(kt, "k_cache")
     _check_16_byte_rows(qt, "q", range(qt.ndim - 1))
-    _check_16_byte_rows(kt, "k_cache", (0, 1, 2))
+    _check_16_byte_rows(kt, "k_cache", (0, 1, 2), 1 if kv[0] != "same" else 2)
 
     _check_dtype(bt, "block_table", ("int32",))
     _check_rank(bt, "block_table", 2, "(batch, max_blocks_per_seq)")
@@ -312,7 +333,7 @@ def _plan(described, head_dim_v, softmax_scale, causal, max_seqlen_q) -> "_Decod
         if cu is not None:
             _validate_cu_seqlens(cu, total_q, max_seqlen_q)
     return _DecodePlan(qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
-                       head_dim_v, softmax_scale, causal, out_shape, lse_shape)
+                       head_dim_v, softmax_scale, causal, out_shape, lse_shape, kv)
 
 
 class _DecodePlan:
@@ -320,7 +341,7 @@ class _DecodePlan:
     field but the pointers filled in. run() fills the pointers and launches."""
 
     def __init__(self, qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
-                 head_dim_v, softmax_scale, causal, out_shape, lse_shape):
+                 head_dim_v, softmax_scale, causal, out_shape, lse_shape, kv):
         from .params import CombineParams, DecodeParams
         num_pages, page_size = kt.shape[:2]
         heads_per_kv = h_q // h_kv
@@ -345,7 +366,8 @@ class _DecodePlan:
         self.head_dim_v = head_dim_v
         # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
         self.q_pe_split, self.k_pe_split = qpt is not None, kpt is not None
-        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows)
+        kv_format, _, k_scale_value = kv  # from _kv_format; a k_scale array is a pointer of the call
+        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format)
         self.decode_params = DecodeParams(
             *([0] * 13),
             *bsh(qt.shape, qt.strides), *kt.strides[:3],
@@ -353,7 +375,7 @@ class _DecodePlan:
             *(kpt.strides[:3] if kpt else kt.strides[:3]), bt.strides[0],
             *bsh(out_shape, o_strides), *lse_strides,
             batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
-            softmax_scale * math.log2(math.e))
+            softmax_scale * math.log2(math.e), 0, k_scale_value)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
         # Combine grid: when requests split into many pieces (a batch much smaller than
         # the part count), a CTA per 128-column chunk of a row keeps enough loads in
@@ -370,7 +392,7 @@ class _DecodePlan:
     def misaligned(self, ptrs) -> bool:
         """cp.async moves 16-byte chunks: q, k_cache, q_pe, k_pe_cache and out must be
         16-byte aligned (checked with a named error on the described path)."""
-        q, k, _, _, _, _, q_pe, k_pe, _, out, _ = ptrs
+        q, k, _, _, _, _, q_pe, k_pe, _, out, _, _ = ptrs
         return bool((q | k | q_pe | k_pe | out) & 15)
 
     def run(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
@@ -382,7 +404,7 @@ class _DecodePlan:
     def prepare(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
         """Outputs, scratch and the launches of one call (tools/bench.py times the
         launches alone)."""
-        q_ptr, k_ptr, bt, sl, sched, ns, q_pe, k_pe, cu, out_ptr, lse_ptr = ptrs
+        q_ptr, k_ptr, bt, sl, sched, ns, q_pe, k_pe, cu, out_ptr, lse_ptr, k_scale = ptrs
         if like is None and self.torch_dtype is None:
             self.torch_dtype, self.torch_device = q.dtype, q.device
         if out is None:
@@ -400,8 +422,8 @@ class _DecodePlan:
             k_pe = k_ptr + 2 * self.head_dim_v
         dp = type(self.decode_params).from_buffer_copy(self.decode_params)
         (dp.q, dp.k, dp.q_pe, dp.k_pe, dp.block_table, dp.seqlens, dp.cu_seqlens_q, dp.sched, dp.num_splits,
-         dp.out, dp.lse, dp.o_accum, dp.lse_accum) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
-                                                      out_ptr, lse_ptr, o_accum, lse_accum)
+         dp.out, dp.lse, dp.o_accum, dp.lse_accum, dp.k_scale) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
+                                                                  out_ptr, lse_ptr, o_accum, lse_accum, k_scale)
         cp = type(self.combine_params).from_buffer_copy(self.combine_params)
         cp.sched, cp.num_splits, cp.cu_seqlens_q, cp.o_accum, cp.lse_accum, cp.out, cp.lse = (
             sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
@@ -441,6 +463,60 @@ def _rope_part(t: Tensor | None, name: str, main: Tensor, main_name: str, head_d
     _check_last_dim_contiguous(t, name)
     _check_16_byte_rows(t, name, range(t.ndim - 1))
     return t
+
+
+# FP8 caches: torch's float8_e4m3fn, or raw e4m3 bytes as uint8 (cupy has no fp8 dtype;
+# serving engines often hold FlashMLA's 656-byte layout as uint8).
+FP8_CACHE_DTYPES = ("float8_e4m3fn", "uint8")
+
+
+def _kv_format(kt: Tensor, qt: Tensor, k_scale, kpt: Tensor | None):
+    """(kv_format, k_scale described or None, k_scale as a float): the cache format
+    (spec.KV_FORMATS) read from k_cache's dtype and last dim, checked against k_scale
+    (None, a number, or a described array)."""
+    if kt.dtype not in FP8_CACHE_DTYPES:
+        if kt.dtype != qt.dtype:
+            raise TypeError(f"k_cache must have q's dtype {qt.dtype}, or be an FP8 cache (float8_e4m3fn, or "
+                            f"uint8 holding e4m3 bytes), got {kt.dtype}")
+        if k_scale is not None:
+            raise ValueError(f"k_scale applies only to an FP8 k_cache, but k_cache is {kt.dtype}")
+        return "same", None, 1.0
+    if kpt is not None:
+        raise ValueError("k_pe_cache is not supported with an FP8 k_cache: keep the rope columns in k_cache "
+                         "(per-tensor e4m3, last dim 576) or use the 656-byte layout")
+    last = kt.shape[3]
+    if last == 656:
+        if qt.dtype != "bf16":
+            raise TypeError(f"q must be bf16 with the 656-byte FP8 k_cache (its rope part is bf16), got {qt.dtype}")
+        if k_scale is not None:
+            raise ValueError("k_scale must be None with the 656-byte FP8 k_cache: its scales are stored "
+                             "in every token")
+        return "fp8_656", None, 1.0
+    if last not in (576, 512):
+        raise ValueError(f"an FP8 k_cache must have last dim 576 or 512 (per-tensor e4m3, with k_scale) or "
+                         f"656 (FlashMLA's layout: 512 e4m3 + 4 fp32 scales + 64 bf16), got shape {kt.shape}")
+    if k_scale is None:
+        raise ValueError(f"k_scale is required with a per-tensor FP8 k_cache (last dim {last}): pass the "
+                         "dequantization scale as a float or a 1-element float32 tensor on k_cache's device")
+    if isinstance(k_scale, (int, float)) and not isinstance(k_scale, bool):
+        if not (math.isfinite(k_scale) and k_scale > 0):
+            raise ValueError(f"k_scale must be a positive finite number, got {k_scale!r}")
+        return "fp8_e4m3", None, float(k_scale)
+    st = k_scale
+    if st.dtype != "fp32":
+        raise TypeError(f"k_scale must have dtype fp32, got {st.dtype}")
+    if math.prod(st.shape) != 1:
+        raise ValueError(f"k_scale must hold exactly one element, got shape {st.shape}")
+    if st.device != kt.device:
+        where = "the host" if st.device is None else f"cuda:{st.device}"
+        raise ValueError(f"k_scale must be on k_cache's device, got {where}")
+    return "fp8_e4m3", st, 1.0
+
+
+def _check_fp8_656(head_dim: int, head_dim_v):
+    if (head_dim, head_dim_v) != (576, 512):
+        raise ValueError(f"the 656-byte FP8 k_cache holds d = 576 columns (512 latent + 64 rope): q's head_dim "
+                         f"must be 576 and head_dim_v 512, got head_dim {head_dim}, head_dim_v {head_dim_v!r}")
 
 
 def _ptr(array) -> int:

@@ -1,6 +1,6 @@
 """flashmla-jit: precompile kernel variants into the cache, and inspect or clear it.
 
-    flashmla-jit precompile [--dtype bf16] [--causal both] [--all] [--jobs N]
+    flashmla-jit precompile [--dtype bf16] [--causal both] [--kv-format fp8_656] [--all] [--jobs N]
     flashmla-jit cache [info|clear]
 
 Needs no GPU: compiling is NVRTC only. Variants are compiled in a process pool
@@ -50,7 +50,7 @@ def select_specs(args) -> list:
     """The variants the flags name, derived the way the runtime derives them."""
     if args.all:
         return specs.all_specs()
-    if not (args.dtype or args.causal or args.heads or args.s_q or args.head_dims):
+    if not (args.dtype or args.causal or args.heads or args.s_q or args.head_dims or args.kv_format):
         return specs.default_specs()
     dtypes = args.dtype or ["bf16"]
     causals = {"yes": [True], "no": [False], "both": [False, True]}[args.causal or "both"]
@@ -61,9 +61,12 @@ def select_specs(args) -> list:
     out = [specs.METADATA_SPEC]
     for dtype in dtypes:
         for d, dv in args.head_dims or [specs.DEEPSEEK_HEAD_DIMS]:
-            for c, s_q in itertools.product(causals, s_qs):
-                rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
-                out += [specs.decode_spec(dtype, d, dv, c, s_q, r) for r in rows]
+            for kv in args.kv_format or ["same"]:
+                if not specs.kv_format_supported(kv, dtype, d, dv):
+                    continue   # the 656-byte layout is bf16, d=576 only
+                for c, s_q in itertools.product(causals, s_qs):
+                    rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
+                    out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv) for r in rows]
             out.append(specs.combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--head-dims", action="append", type=_head_dims, metavar="D,DV",
                      help="q/k head dim and v head dim (repeatable; default 576,512; supported: "
                           + " ".join(f"{d},{v}" for d, v in specs.SUPPORTED_HEAD_DIMS) + ")")
+    pre.add_argument("--kv-format", action="append", choices=list(specs.KV_FORMATS),
+                     help="KV cache format (repeatable; default same = q's dtype; fp8_e4m3 = per-tensor "
+                          "FP8, fp8_656 = FlashMLA's 656-byte FP8 layout)")
     pre.add_argument("--all", action="store_true", help="every supported variant")
     pre.add_argument("--jobs", "-j", type=_positive, default=_cpu_count(),
                      help="parallel compiles (default: CPU count)")

@@ -28,6 +28,7 @@ class DecodeParams(ctypes.Structure):
         ("heads_per_kv", I), ("rows", I),
         ("page_size", I), ("num_pages", I), ("max_blocks", I),
         ("scale_log2", F),
+        ("k_scale", P), ("k_scale_value", F),
     ]
 
 

@@ -25,6 +25,13 @@ DTYPES = {"bf16": "flashmla::bf16_t", "fp16": "flashmla::fp16_t"}
 SUPPORTED_HEAD_DIMS = ((576, 512), (512, 512), (320, 256))
 DEEPSEEK_HEAD_DIMS = (576, 512)
 
+# KV cache formats: "same" = q's dtype; "fp8_e4m3" = e4m3 values with one fp32 scale for
+# the whole cache (k_scale); "fp8_656" = FlashMLA's 656-byte token (512 e4m3 + 4 fp32
+# group scales + 64 bf16 rope). FP8 caches are dequantized to q's dtype in shared memory
+# and run on 16- and 32-row tiles (mma.sync); the enum mirrors KvFormat in fp8.cuh.
+KV_FORMATS = {"same": "flashmla::kKvSame", "fp8_e4m3": "flashmla::kKvFp8", "fp8_656": "flashmla::kKvFp8Ds"}
+FP8_MAX_TILE_ROWS = 32
+
 TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
 BLOCK_N = 64            # KV tokens per main-loop block
 DECODE_THREADS = 256
@@ -41,6 +48,7 @@ class KernelSpec:
     head_dim_v: int = 512
     causal: bool = False      # decode only; normalized to False when it cannot matter
     tile_rows: int = 64       # decode only: query rows per CTA tile (16, 32 or 64)
+    kv_format: str = "same"   # decode only: KV cache format (KV_FORMATS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -51,9 +59,18 @@ class KernelSpec:
             raise ValueError(
                 f"head dims (d={self.head_dim}, dv={self.head_dim_v}) are not supported; "
                 f"supported: {', '.join(f'(d={d}, dv={v})' for d, v in SUPPORTED_HEAD_DIMS)}")
-        if self.kind == "decode" and self.tile_rows not in tile_rows_allowed(self.head_dim_v):
-            raise ValueError(f"tile_rows must be one of {tile_rows_allowed(self.head_dim_v)} for "
-                             f"head_dim_v={self.head_dim_v}, got {self.tile_rows}")
+        if self.kv_format not in KV_FORMATS:
+            raise ValueError(f"kv_format must be one of {tuple(KV_FORMATS)}, got {self.kv_format!r}")
+        if self.kv_format != "same":
+            if self.kind != "decode":
+                raise ValueError(f"kv_format {self.kv_format!r} is a decode-kernel choice, not {self.kind}'s")
+            if not kv_format_supported(self.kv_format, self.dtype, self.head_dim, self.head_dim_v):
+                raise ValueError(f"kv_format {self.kv_format!r} does not support dtype {self.dtype} with "
+                                 f"d={self.head_dim}, dv={self.head_dim_v}")
+        allowed = tile_rows_allowed(self.head_dim_v, self.kv_format)
+        if self.kind == "decode" and self.tile_rows not in allowed:
+            raise ValueError(f"tile_rows must be one of {allowed} for head_dim_v={self.head_dim_v} and "
+                             f"kv_format={self.kv_format!r}, got {self.tile_rows}")
 
     # ---- code generation -------------------------------------------------------------
     @property
@@ -66,8 +83,9 @@ class KernelSpec:
         t = DTYPES[self.dtype]
         if self.kind == "decode":
             causal = "true" if self.causal else "false"
+            kv = "" if self.kv_format == "same" else f", {KV_FORMATS[self.kv_format]}"
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
-                    f"{causal}>")
+                    f"{causal}{kv}>")
         if self.kind == "combine":
             return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}>"
         return "&flashmla::metadata_kernel"
@@ -87,6 +105,8 @@ class KernelSpec:
             parts.append(f"m{self.tile_rows}")
             if self.causal:
                 parts.append("causal")
+            if self.kv_format != "same":
+                parts.append(f"kv_{self.kv_format}")
         return ".".join(parts)
 
     # ---- launch configuration ----------------------------------------------------------
@@ -101,30 +121,43 @@ class KernelSpec:
         if self.kind != "decode":
             return 0
         col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
-        kv = 2 * BLOCK_N * self.head_dim * 2
+        kv = (2 if self.kv_format == "same" else 1) * BLOCK_N * self.head_dim * 2
+        stage = 0 if self.kv_format == "same" else 2 * BLOCK_N * fp8_stage_pitch(self.kv_format, self.head_dim)
         q = self.tile_rows * self.head_dim * 2
         p = self.tile_rows * BLOCK_N * 2
         row_stats = (2 * col_groups + 1) * self.tile_rows * 4   # row_max, row_sum, row_limit
-        return kv + q + p + row_stats
+        return stage + kv + q + p + row_stats
 
 
-def tile_rows_allowed(head_dim_v: int) -> tuple:
-    return TILE_ROWS if head_dim_v == 512 else (32,)
+FP8_656_TOKEN_BYTES = 656  # 512 e4m3 + 4 fp32 scales + 64 bf16
+
+
+def fp8_stage_pitch(kv_format: str, head_dim: int) -> int:
+    """Bytes per token in an FP8 staging buffer; mirrors Fp8Stage::kPitch in fp8.cuh."""
+    row = FP8_656_TOKEN_BYTES if kv_format == "fp8_656" else head_dim
+    return (row + 63) // 128 * 128 + 64
+
+
+def tile_rows_allowed(head_dim_v: int, kv_format: str = "same") -> tuple:
+    """dv = 256 fits the 32-row tile only; FP8 caches have no 64-row (wgmma) tile yet."""
+    tiles = TILE_ROWS if head_dim_v == 512 else (32,)
+    return tiles if kv_format == "same" else tuple(m for m in tiles if m <= FP8_MAX_TILE_ROWS)
 
 
 @functools.cache
-def tile_rows_for(rows: int, head_dim_v: int = 512) -> int:
+def tile_rows_for(rows: int, head_dim_v: int = 512, kv_format: str = "same") -> int:
     """Query-tile height for `rows` query rows per KV head: the shortest that holds
     them, so few heads do not pay for padding rows (the tallest beyond that)."""
-    allowed = tile_rows_allowed(head_dim_v)
+    allowed = tile_rows_allowed(head_dim_v, kv_format)
     return next((m for m in allowed if rows <= m), allowed[-1])
 
 
 @functools.cache  # called on every decode: build (and validate) each spec once
-def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int) -> KernelSpec:
+def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int,
+                kv_format: str = "same") -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
-                      tile_rows=tile_rows_for(rows, head_dim_v))
+                      tile_rows=tile_rows_for(rows, head_dim_v, kv_format), kv_format=kv_format)
 
 
 @functools.cache
@@ -135,12 +168,21 @@ def combine_spec(dtype: str, head_dim: int, head_dim_v: int) -> KernelSpec:
 METADATA_SPEC = KernelSpec("metadata")
 
 
-def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_DIMS):
+def kv_format_supported(kv_format: str, dtype: str, head_dim: int, head_dim_v: int) -> bool:
+    if kv_format == "fp8_656":
+        return (dtype, head_dim, head_dim_v) == ("bf16", 576, 512)
+    return kv_format == "same" or head_dim_v == 512  # FP8 with dv = 256: not built yet
+
+
+def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_DIMS, kv_formats=("same",)):
     """Every spec a decode step with these choices can touch (for precompile)."""
     out = [METADATA_SPEC]
     for dtype, (d, dv) in itertools.product(dtypes, head_dims):
-        for c, m in itertools.product(causal, tile_rows_allowed(dv)):
-            out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m))
+        for kv in kv_formats:
+            if not kv_format_supported(kv, dtype, d, dv):
+                continue
+            for c, m in itertools.product(causal, tile_rows_allowed(dv, kv)):
+                out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
         out.append(combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 
@@ -151,4 +193,4 @@ def default_specs():
 
 
 def all_specs():
-    return specs_for(dtypes=tuple(DTYPES))
+    return specs_for(dtypes=tuple(DTYPES), kv_formats=tuple(KV_FORMATS))

@@ -33,14 +33,17 @@ def _(cache_seqlens, num_heads_per_head_k, num_heads_k):
 def flash_mla_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, block_table: torch.Tensor,
                            cache_seqlens: torch.Tensor, head_dim_v: int, tile_scheduler_metadata: torch.Tensor,
                            num_splits: torch.Tensor, softmax_scale: float | None = None,
-                           causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           causal: bool = False, k_scale: torch.Tensor | None = None,
+                           k_scale_value: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    # An FP8 cache's per-tensor scale comes as a tensor (k_scale) or a float (k_scale_value).
     return api.flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v,
-                                      tile_scheduler_metadata, num_splits, softmax_scale, causal)
+                                      tile_scheduler_metadata, num_splits, softmax_scale, causal,
+                                      k_scale=k_scale if k_scale is not None else k_scale_value)
 
 
 @flash_mla_with_kvcache.register_fake
 def _(q, k_cache, block_table, cache_seqlens, head_dim_v, tile_scheduler_metadata, num_splits,
-      softmax_scale=None, causal=False):
+      softmax_scale=None, causal=False, k_scale=None, k_scale_value=None):
     batch, s_q, h_q, _ = q.shape
     return (q.new_empty((batch, s_q, h_q, head_dim_v)),
             q.new_empty((batch, h_q, s_q), dtype=torch.float32))

@@ -29,6 +29,32 @@ def make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=torch.bfloat16, page_size=
     return q, k_cache, block_table, seqlens.to(device)
 
 
+def make_fp8_inputs(batch, s_q, h_q, h_kv, seqlens, kv_format, dtype=torch.bfloat16, page_size=64, d=576,
+                    device="cuda", extra_pages=3, nan_tail=True, generator=None):
+    """make_inputs with the cache quantized: kv_format "fp8_e4m3" (per tensor, d columns of
+    e4m3, k_scale a float) or "fp8_656" (FlashMLA's layout, k_scale None). Returns
+    (q, k_cache_fp8, k_scale, block_table, seqlens). Past every seqlen the cache holds NaN
+    bytes: e4m3 0x7f / 0xff alternating, and 0xff (NaN) in the 656 layout's scales and rope."""
+    from flashmla_jit import fp8
+    q, k, table, lens = make_inputs(batch, s_q, h_q, h_kv, seqlens, dtype=dtype, page_size=page_size, d=d,
+                                    device=device, extra_pages=extra_pages, nan_tail=False, generator=generator)
+    if kv_format == "fp8_656":
+        k8, k_scale = fp8.quantize_kv_cache_fp8(k), None
+    else:
+        k8, k_scale = fp8.quantize_kv_cache_fp8_per_tensor(k)
+    if nan_tail:
+        raw = k8.view(torch.uint8)
+        e4m3_bytes = 512 if kv_format == "fp8_656" else d
+        max_blocks = table.shape[1]
+        for i, n in enumerate(lens.tolist()):
+            pages = table[i].long()
+            flat = raw[pages].reshape(max_blocks * page_size, h_kv, raw.shape[-1])
+            flat[n:] = 0xFF
+            flat[n:, :, :e4m3_bytes:2] = 0x7F
+            raw[pages] = flat.view(max_blocks, page_size, h_kv, raw.shape[-1])
+    return q, k8, k_scale, table, lens
+
+
 def reference(q, k_cache, block_table, seqlens, head_dim_v, softmax_scale=None, causal=False):
     """out (b, s_q, h_q, dv) float32 and lse (b, h_q, s_q) float32 (+inf where no key is seen)."""
     batch, s_q, h_q, d = q.shape

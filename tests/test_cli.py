@@ -38,6 +38,10 @@ def test_selection_maps_flags_to_specs():
     assert [(s.kind, s.head_dim) for s in no_rope] == [("metadata", 576), ("decode", 512), ("combine", 512)]
     with pytest.raises(SystemExit):
         selected("--head-dims", "320,128")
+    # FP8 caches: 32-row tiles at most; the 656 layout only for bf16 with d = 576
+    fp8 = selected("--kv-format", "fp8_656", "--kv-format", "fp8_e4m3", "--heads", "128", "--s-q", "1")
+    assert [(s.kv_format, s.tile_rows) for s in fp8 if s.kind == "decode"] == [("fp8_656", 32), ("fp8_e4m3", 32)]
+    assert [s.kv_format for s in selected("--kv-format", "fp8_656", "--dtype", "fp16") if s.kind == "decode"] == []
 
 
 @pytest.fixture

@@ -18,10 +18,10 @@ if not torch.cuda.is_available():
 if torch.cuda.get_device_capability(0)[0] != 9:
     pytest.skip("GPU is not a Hopper (sm_90)", allow_module_level=True)
 
-from mla_reference import assert_close, make_inputs, reference  # noqa: E402
+from mla_reference import assert_close, make_fp8_inputs, make_inputs, reference  # noqa: E402
 
 import flashmla_jit  # noqa: E402
-from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 HERE = os.path.dirname(__file__)
 
@@ -321,6 +321,141 @@ def test_torch_compile_fullgraph_traces_the_ops():
     out2, lse = compiled(q, k_cache, block_table, seqlens)
     ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
     assert_close(out2 / 2, lse, ref_out, ref_lse, "torch.compile")
+
+
+# ---- FP8 KV caches: the reference runs on the dequantized cache ---------------------------
+
+def fp8_reference_cache(k8, k_scale, kv_format):
+    # per tensor: the exact fp8 * k_scale (the kernel scales S and O in fp32); 656: bf16, as
+    # FlashMLA's dequantizer (the kernel's values match it up to a rare bf16 ulp)
+    return dequantize_kv_cache_fp8(k8, k_scale, torch.float32 if kv_format == "fp8_e4m3" else torch.bfloat16)
+
+
+def run_fp8_case(batch, s_q, h_q, h_kv, seqlens, causal, kv_format, dtype=torch.bfloat16, page_size=64, d=576,
+                 scale_as="tensor", cache_as=torch.float8_e4m3fn):
+    q, k8, k_scale, table, lens = make_fp8_inputs(batch, s_q, h_q, h_kv, seqlens, kv_format, dtype=dtype,
+                                                  page_size=page_size, d=d)
+    ref_out, ref_lse = reference(q, fp8_reference_cache(k8, k_scale, kv_format), table, lens, 512, causal=causal)
+    if k_scale is not None and scale_as == "tensor":    # vLLM passes a 1-element float32 tensor
+        k_scale = torch.tensor([k_scale], dtype=torch.float32, device=q.device)
+    elif k_scale is not None and scale_as == "scalar_tensor":
+        k_scale = torch.tensor(k_scale, dtype=torch.float32, device=q.device)
+    sched, num_splits = get_mla_metadata(lens, s_q * h_q // h_kv, h_kv)
+    poison_allocator(((batch, s_q, h_q, 512), dtype), ((batch, h_q, s_q), torch.float32))
+    out, lse = flash_mla_with_kvcache(q, k8.view(cache_as), table, lens, 512, sched, num_splits, causal=causal,
+                                      k_scale=k_scale)
+    assert out.shape == (batch, s_q, h_q, 512) and out.dtype == dtype
+    assert_close(out, lse, ref_out, ref_lse, f"{kv_format} b={batch} s_q={s_q} h_q={h_q} h_kv={h_kv} "
+                                             f"page={page_size} causal={causal}")
+
+
+FP8_SEQLENS = [0, 1, 63, 64, 65, 300, 1000, 4097]
+
+
+@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_656"])
+@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("h_q", [16, 128])
+def test_fp8_grid(kv_format, page_size, s_q, h_q):
+    run_fp8_case(len(FP8_SEQLENS), s_q, h_q, 1, FP8_SEQLENS, True, kv_format, page_size=page_size)
+
+
+@pytest.mark.parametrize("kv_format", ["fp8_e4m3", "fp8_656"])
+@pytest.mark.parametrize("h_q", [16, 64, 128])
+def test_fp8_long_split_sequences(kv_format, h_q):
+    # few long requests: many split pieces, so the combine sees k_scale-scaled partials
+    run_fp8_case(2, 1, h_q, 1, [16384, 9000], False, kv_format)
+    run_fp8_case(128, 1, h_q, 1, [4096] * 128, False, kv_format)
+
+
+@pytest.mark.parametrize("scale_as", ["float", "tensor", "scalar_tensor"])
+def test_fp8_k_scale_forms(scale_as):
+    run_fp8_case(4, 2, 32, 1, [0, 100, 3000, 64], True, "fp8_e4m3", scale_as=scale_as)
+
+
+def test_fp8_per_tensor_fp16_queries_and_other_shapes():
+    run_fp8_case(6, 2, 16, 1, [5, 0, 700, 64, 2000, 129], True, "fp8_e4m3", dtype=torch.float16)
+    run_fp8_case(6, 1, 128, 1, [5, 0, 700, 64, 2000, 129], False, "fp8_e4m3", dtype=torch.float16)
+    run_fp8_case(6, 2, 16, 1, [5, 0, 700, 64, 2000, 129], True, "fp8_e4m3", d=512)     # no rope part
+    run_fp8_case(5, 2, 64, 2, [1, 300, 0, 4000, 65], True, "fp8_e4m3")                   # h_kv = 2
+    run_fp8_case(5, 2, 64, 2, [1, 300, 0, 4000, 65], True, "fp8_656")
+    run_fp8_case(4, 4, 9, 1, [0, 1, 2, 3000], True, "fp8_656")                           # odd heads, seqlen < s_q
+    run_fp8_case(4, 1, 16, 1, [77, 0, 4000, 64], False, "fp8_656", cache_as=torch.uint8)  # uint8 bytes
+    run_fp8_case(4, 1, 16, 1, [77, 0, 4000, 64], False, "fp8_e4m3", cache_as=torch.uint8)
+
+
+def test_fp8_656_from_flashmla_padded_pages():
+    # FlashMLA's quantizer slices (pages, page_size + 1, 656) buffers: page stride != page_size * 656
+    q, k8, _, table, lens = make_fp8_inputs(4, 2, 16, 1, [300, 0, 4000, 65], "fp8_656")
+    padded = torch.empty(k8.shape[0], 65, 1, 656, dtype=k8.dtype, device="cuda")[:, :64]
+    padded.copy_(k8)
+    sched, splits = get_mla_metadata(lens, 32, 1)
+    out, lse = flash_mla_with_kvcache(q, padded, table, lens, 512, sched, splits, causal=True)
+    ref_out, ref_lse = reference(q, dequantize_kv_cache_fp8(k8), table, lens, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, "656 with padded pages")
+
+
+def test_fp8_656_split_q_pe():
+    q, k8, _, table, lens = make_fp8_inputs(4, 2, 64, 1, [300, 0, 4000, 65], "fp8_656")
+    sched, splits = get_mla_metadata(lens, 128, 1)
+    out, lse = flash_mla_with_kvcache(q[..., :512].clone(), k8, table, lens, 512, sched, splits, causal=True,
+                                      q_pe=q[..., 512:].clone())
+    ref_out, ref_lse = reference(q, dequantize_kv_cache_fp8(k8), table, lens, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, "656 with split q_pe")
+
+
+def test_fp8_ragged_queries():
+    counts, seqlens = [1, 3, 0, 2], [300, 5000, 100, 1]
+    _, k8, k_scale, table, lens = make_fp8_inputs(4, 1, 16, 1, seqlens, "fp8_e4m3")
+    q = torch.randn(sum(counts), 16, 576, dtype=torch.bfloat16, device="cuda")
+    cu = torch.tensor([0] + list(itertools.accumulate(counts)), dtype=torch.int32, device="cuda")
+    sched, splits = get_mla_metadata(lens, max(counts) * 16, 1)
+    out, lse = flash_mla_with_kvcache(q, k8, table, lens, 512, sched, splits, causal=True, cu_seqlens_q=cu,
+                                      max_seqlen_q=max(counts), k_scale=k_scale)
+    deq = fp8_reference_cache(k8, k_scale, "fp8_e4m3")
+    for i, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        if a == b:
+            continue
+        o, l = reference(q[None, a:b], deq, table[i:i + 1], lens[i:i + 1], 512, causal=True)
+        assert_close(out[None, a:b], lse[None, :, a:b], o, l, f"fp8 ragged request {i}")
+
+
+def test_fp8_k_scale_is_read_on_the_device_in_a_graph():
+    # the scale tensor changes in place between replays; the kernel must read it each time
+    batch, s_q, h_q = 8, 2, 16
+    q, k8, k_scale, table, lens = make_fp8_inputs(batch, s_q, h_q, 1, [3000] * batch, "fp8_e4m3", nan_tail=False)
+    scale_t = torch.tensor([k_scale], dtype=torch.float32, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        sched, ns = get_mla_metadata(lens, s_q * h_q, 1)
+        flash_mla_with_kvcache(q, k8, table, lens, 512, sched, ns, causal=True, k_scale=scale_t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sched, ns = get_mla_metadata(lens, s_q * h_q, 1)
+        out, lse = flash_mla_with_kvcache(q, k8, table, lens, 512, sched, ns, causal=True, k_scale=scale_t)
+    for factor in (1.0, 0.5, 3.0):
+        scale_t.fill_(k_scale * factor)
+        graph.replay()
+        torch.cuda.synchronize()
+        ref_out, ref_lse = reference(q, dequantize_kv_cache_fp8(k8, k_scale * factor, torch.float32), table, lens,
+                                     512, causal=True)
+        assert_close(out, lse, ref_out, ref_lse, f"graph replay, k_scale x{factor}")
+
+
+def test_fp8_torch_compile_with_k_scale_tensor():
+    q, k8, k_scale, table, lens = make_fp8_inputs(4, 2, 16, 1, [500, 0, 4000, 64], "fp8_e4m3")
+    scale_t = torch.tensor([k_scale], dtype=torch.float32, device="cuda")
+
+    def step(q, k8, table, lens, scale_t):
+        sched, splits = get_mla_metadata(lens, 32, 1)
+        return flash_mla_with_kvcache(q, k8, table, lens, 512, sched, splits, causal=True, k_scale=scale_t)
+
+    torch._dynamo.reset()
+    out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k8, table, lens, scale_t)
+    ref_out, ref_lse = reference(q, fp8_reference_cache(k8, k_scale, "fp8_e4m3"), table, lens, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, "fp8 torch.compile")
 
 
 def test_second_gpu():

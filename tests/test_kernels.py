@@ -45,6 +45,11 @@ EXPECTED = {
     "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
     "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
     "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
+    # FP8 caches: e4m3 -> f16x2 unpack, 128-bit staging reads and tile writes; bf16 tiles
+    # get the exact f16 -> bf16 rebias (HMUL2.BF16), the 656 layout its split-scale FMA.
+    "decode.fp8": ["F2FP.F16.E4M3.UNPACK_B", "LDS.128", "STS.128"],
+    "decode.fp8_e4m3.bf16": ["HMUL2.BF16"],
+    "decode.fp8_656": ["HMUL2.BF16", "HFMA2.BF16"],
     "combine": ["MUFU.EX2", "LDG.E.128"],
     "metadata": ["SHFL.UP", "BAR.SYNC"],
 }
@@ -58,6 +63,9 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
     expected = list(EXPECTED[s.kind])
     if s.kind == "decode":
         expected += EXPECTED["decode.m64" if s.tile_rows == 64 else "decode.mma_sync"]
+    if s.kind == "decode" and s.kv_format != "same":
+        expected += EXPECTED["decode.fp8"] + EXPECTED.get(f"decode.{s.kv_format}.{s.dtype}", [])
+        expected += EXPECTED.get(f"decode.{s.kv_format}", [])
     for instruction in expected:
         assert instruction in code, f"{s.name}: {instruction} missing from SASS"
     if s.kind == "decode" and s.tile_rows == 64:
@@ -69,6 +77,26 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
         assert ("HMMA.16816.F32.BF16" in code) == (s.dtype == "bf16")
     for local in ("LDL", "STL"):
         assert f" {local}" not in code, f"{s.name}: local-memory access {local} in SASS"
+
+
+def test_fp8_variants_are_in_the_all_set():
+    fp8 = [s for s in spec.all_specs() if s.kv_format != "same"]
+    assert {s.kv_format for s in fp8} == {"fp8_e4m3", "fp8_656"}
+    assert all(s.tile_rows <= spec.FP8_MAX_TILE_ROWS for s in fp8)
+    assert {(s.dtype, s.head_dim) for s in fp8 if s.kv_format == "fp8_656"} == {("bf16", 576)}
+
+
+def test_shared_memory_plan_matches_the_struct(tmp_path):
+    """KernelSpec.smem_bytes (the launch's dynamic smem) equals sizeof(DecodeSmem<...>)."""
+    asserts = []
+    for s in spec.all_specs():
+        if s.kind == "decode":
+            kv = spec.KV_FORMATS[s.kv_format]
+            asserts.append(f"static_assert(sizeof(flashmla::DecodeSmem<{s.tile_rows}, {s.head_dim}, {kv}>) == "
+                           f"{s.smem_bytes}, \"{s.name}\");")
+            assert s.smem_bytes <= 227 * 1024, s.name
+    source = '#include "flashmla/decode.cuh"\n' + "\n".join(asserts) + "\n__global__ void probe() {}\n"
+    compiler.compile_source(source, "&probe", compiler.compile_options(None), "smem_probe")
 
 
 def test_import_is_lazy():

@@ -34,3 +34,20 @@ def test_first_torch_call_registers_the_ops():
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert res.stdout.strip() == "True", res.stdout + res.stderr
+
+
+def test_decode_op_takes_an_fp8_cache_and_k_scale():
+    q = torch.empty(3, 2, 16, 576, dtype=torch.bfloat16, device="meta")
+    table = torch.empty(3, 4, dtype=torch.int32, device="meta")
+    lens = torch.empty(3, dtype=torch.int32, device="meta")
+    sched = torch.empty(132, 8, dtype=torch.int32, device="meta")
+    splits = torch.empty(4, dtype=torch.int32, device="meta")
+    op = torch.ops.flashmla_jit.flash_mla_with_kvcache
+    per_tensor = torch.empty(10, 64, 1, 576, dtype=torch.float8_e4m3fn, device="meta")
+    scale = torch.empty(1, dtype=torch.float32, device="meta")
+    out, lse = op(q, per_tensor, table, lens, 512, sched, splits, None, True, scale, None)
+    assert out.shape == (3, 2, 16, 512) and out.dtype == torch.bfloat16 and lse.shape == (3, 16, 2)
+    out, _ = op(q, per_tensor, table, lens, 512, sched, splits, None, True, k_scale_value=0.5)
+    layout_656 = torch.empty(10, 64, 1, 656, dtype=torch.uint8, device="meta")
+    out, _ = op(q, layout_656, table, lens, 512, sched, splits, None, True)
+    assert out.dtype == torch.bfloat16

@@ -169,3 +169,69 @@ def test_metadata_graph_arguments():
         get_mla_metadata(lens, 16, 1, out=(sched, torch.zeros(5)))
     with pytest.raises(ValueError, match="cache_seqlens must be on a CUDA device"):  # well formed otherwise
         get_mla_metadata(lens, 16, 1, num_seqs=3, out=(sched, ns))
+
+
+# ---- FP8 caches ---------------------------------------------------------------------------
+
+def fp8_cache(last=576, pages=8, page=64, dtype=torch.float8_e4m3fn):
+    return torch.zeros(pages, page, 1, last, dtype=torch.uint8).view(dtype)
+
+
+FP8_CASES = [
+    (dict(k_cache=torch.zeros(8, 64, 1, 576, dtype=torch.float8_e5m2)), TypeError,
+     "k_cache must have q's dtype bf16, or be an FP8 cache (float8_e4m3fn, or uint8 holding e4m3 bytes), got float8_e5m2"),
+    (dict(k_cache=fp8_cache()), ValueError, "k_scale is required with a per-tensor FP8 k_cache (last dim 576)"),
+    (dict(k_scale=0.5), ValueError, "k_scale applies only to an FP8 k_cache, but k_cache is bf16"),
+    (dict(k_cache=fp8_cache(), k_scale=torch.ones(1, dtype=torch.float16)), TypeError, "k_scale must have dtype fp32, got fp16"),
+    (dict(k_cache=fp8_cache(), k_scale=torch.ones(2)), ValueError, "k_scale must hold exactly one element, got shape (2,)"),
+    (dict(k_cache=fp8_cache(), k_scale="0.5"), TypeError, "k_scale must be a float or a 1-element float32 tensor, got builtins.str"),
+    (dict(k_cache=fp8_cache(), k_scale=-1.0), ValueError, "k_scale must be a positive finite number, got -1.0"),
+    (dict(k_cache=fp8_cache(), k_scale=float("nan")), ValueError, "k_scale must be a positive finite number, got nan"),
+    (dict(k_cache=fp8_cache(), k_scale=True), TypeError, "k_scale must be a float or a 1-element float32 tensor, got builtins.bool"),
+    (dict(q=torch.randn(2, 1, 16, 512, dtype=torch.bfloat16), k_cache=fp8_cache(512), k_scale=1.0,
+          k_pe_cache=torch.zeros(8, 64, 1, 64, dtype=torch.bfloat16)), ValueError, "k_pe_cache is not supported with an FP8 k_cache"),
+    (dict(k_cache=fp8_cache(600), k_scale=1.0), ValueError, "an FP8 k_cache must have last dim 576 or 512 (per-tensor e4m3, with k_scale) or 656"),
+    (dict(q=torch.randn(2, 1, 16, 576, dtype=torch.float16), k_cache=fp8_cache(656)), TypeError,
+     "q must be bf16 with the 656-byte FP8 k_cache (its rope part is bf16), got fp16"),
+    (dict(k_cache=fp8_cache(656), k_scale=1.0), ValueError, "k_scale must be None with the 656-byte FP8 k_cache"),
+    (dict(q=torch.randn(2, 1, 16, 512, dtype=torch.bfloat16), k_cache=fp8_cache(656)), ValueError,
+     "q's head_dim must be 576 and head_dim_v 512, got head_dim 512, head_dim_v 512"),
+    (dict(k_cache=fp8_cache(656), head_dim_v=256), ValueError, "got head_dim 576, head_dim_v 256"),
+    (dict(k_cache=torch.zeros(8, 64, 1, 584, dtype=torch.uint8)[..., :576], k_scale=1.0), ValueError,
+     "k_cache stride of dim 1 must be a multiple of 16 elements (16 bytes)"),
+    (dict(q=torch.randn(2, 1, 16, 576, dtype=torch.float32), k_cache=fp8_cache(), k_scale=1.0), TypeError,
+     "q must have dtype bf16 or fp16, got fp32"),
+    # well formed: every check passes up to the device one
+    (dict(k_cache=fp8_cache(), k_scale=0.25), ValueError, "q must be on a CUDA device"),
+    (dict(k_cache=fp8_cache(512), q=torch.randn(2, 1, 16, 512, dtype=torch.float16), k_scale=torch.tensor(0.25)),
+     ValueError, "q must be on a CUDA device"),
+    (dict(k_cache=fp8_cache(656, dtype=torch.uint8)), ValueError, "q must be on a CUDA device"),
+    (dict(k_cache=fp8_cache(656), q=torch.randn(2, 1, 16, 512, dtype=torch.bfloat16),
+          q_pe=torch.randn(2, 1, 16, 64, dtype=torch.bfloat16)), ValueError, "q must be on a CUDA device"),
+]
+
+
+@pytest.mark.parametrize("overrides,exc,message", FP8_CASES, ids=[c[2][:48] for c in FP8_CASES])
+def test_fp8_bad_input(overrides, exc, message):
+    with pytest.raises(exc) as info:
+        call(**overrides)
+    assert message in str(info.value)
+
+
+def test_fp8_k_scale_on_another_device():
+    q, k = describe(torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16), "q"), describe(fp8_cache(), "k_cache")
+    k.device = 0
+    with pytest.raises(ValueError, match="k_scale must be on k_cache's device, got the host"):
+        api._kv_format(k, q, describe(torch.ones(1), "k_scale"), None)
+    with pytest.raises(ValueError, match="k_scale must be on k_cache's device, got cuda:1"):
+        api._kv_format(k, q, _on_device(torch.ones(()), 1), None)
+
+
+def test_fp8_formats():
+    q = describe(torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16), "q")
+    assert api._kv_format(describe(fp8_cache(), "k"), q, 0.5, None) == ("fp8_e4m3", None, 0.5)
+    fmt, st, value = api._kv_format(describe(fp8_cache(dtype=torch.uint8), "k"), q,
+                                    describe(torch.tensor([2.0]), "k_scale"), None)
+    assert (fmt, st.shape, value) == ("fp8_e4m3", (1,), 1.0)
+    assert api._kv_format(describe(fp8_cache(656), "k"), q, None, None) == ("fp8_656", None, 1.0)
+    assert api._kv_format(describe(torch.zeros(1, 1, 1, 576, dtype=torch.bfloat16), "k"), q, None, None) == ("same", None, 1.0)

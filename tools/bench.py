@@ -7,8 +7,9 @@ FlashMLA in a git-ignored folder; never committed). Ceilings: device-to-device c
 (bytes read + written), a large read (sum over 4 GiB), bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
 computed once per step and reused by all layers, so it is timed apart) with triton's
 do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison.
-FLOPs and bytes as in DESIGN.md section 6. Also: cold compile, warm-cache first call
-in a new process, host overhead per call with the GPU busy.
+FLOPs and bytes as in DESIGN.md section 6 (FP8 caches: the bytes read, 576 or 656 per
+token). Also: cold compile, warm-cache first call in a new process, host overhead per
+call with the GPU busy.
 """
 
 import argparse
@@ -29,6 +30,10 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from flashmla_jit import fp8  # noqa: E402
+
+# Cache bytes per token: q's 16-bit dtype (d = 576), per-tensor e4m3, FlashMLA's layout.
+KV_TOKEN_BYTES = {"same": 576 * 2, "fp8_e4m3": 576, "fp8_656": fp8.TOKEN_BYTES}
 
 
 def load_peer():
@@ -90,24 +95,41 @@ def graph_of(fn):
     return graph.replay
 
 
-def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False):
+def quantize_cache(k_cache, kv_format, pages_per_chunk=4096):
+    """The bench cache as FP8 (chunked over pages: the quantizers work in fp32) and k_scale
+    (a 1-element device tensor, as vLLM passes it; None for the 656 layout)."""
+    if kv_format == "same":
+        return k_cache, None
+    if kv_format == "fp8_656":
+        return torch.cat([fp8.quantize_kv_cache_fp8(k_cache[i:i + pages_per_chunk])
+                          for i in range(0, k_cache.shape[0], pages_per_chunk)]), None
+    scale = float(k_cache.abs().amax()) / fp8.E4M3_MAX
+    k8 = torch.cat([fp8.quantize_kv_cache_fp8_per_tensor(k_cache[i:i + pages_per_chunk], scale)[0]
+                    for i in range(0, k_cache.shape[0], pages_per_chunk)])
+    return k8, torch.tensor([scale], dtype=torch.float32, device=k_cache.device)
+
+
+def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False, kv_format="same"):
     gen = torch.Generator().manual_seed(s_k + h_q)
     if varlen:  # normal(mean, mean/2), clipped, as FlashMLA's benchmark
         lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
     else:
         lens = [s_k] * batch
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False, page_size=page_size)
+    k_cache, k_scale = quantize_cache(k_cache, kv_format)
     sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
-    call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+    call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True,
+                                          k_scale=k_scale)
     # Small batches run for tens of microseconds: time graph replays, or host launch time leaks in.
     t_ms = bench_ms(graph_of(call) if graph else call)
     meta_ms = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))
     total = sum(lens)
     flops = s_q * total * h_q * (576 + 512) * 2
-    nbytes = (total * 576 + batch * s_q * h_q * (576 + 512)) * 2
-    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "us": t_ms * 1e3,
+    nbytes = total * KV_TOKEN_BYTES[kv_format] + batch * s_q * h_q * (576 + 512) * 2
+    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "kv": kv_format,
+           "us": t_ms * 1e3,
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
-    if PEER is not None and page_size == 64:  # FlashMLA: 64-token pages only
+    if PEER is not None and page_size == 64 and kv_format == "same":  # FlashMLA: bf16, 64-token pages
         p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
         peer_call = lambda: PEER.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, p_sched, p_splits,
                                                         causal=True)
@@ -115,7 +137,7 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
         peer_out, _ = peer_call()
         row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
         row["flashmla_us"] = bench_ms(graph_of(peer_call) if graph else peer_call) * 1e3
-    if with_eager and not varlen:
+    if with_eager and not varlen and kv_format == "same":
         try:
             row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
         except torch.OutOfMemoryError:
@@ -147,8 +169,8 @@ def jit_timings():
     q, k, bt, sl = make_inputs(4, 1, 16, 1, [64] * 4)
     s, n = get_mla_metadata(sl, 16, 1)
     out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, s, n)
-    arrays = (q, k, bt, sl, s, n) + (None,) * 5
-    plan = api._plans[api._torch_signature(arrays, (512, None, False, None))]  # made by the call above
+    arrays = (q, k, bt, sl, s, n) + (None,) * 6
+    plan = api._plans[api._torch_signature(arrays, (512, None, False, None, None))]  # made by the call above
     ptrs = [x.data_ptr() if x is not None else 0 for x in arrays]
     _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
 
@@ -173,8 +195,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="b=128 at s_k 4096 and 16384 only")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--sections", default="b128,varlen,small,pages,jit",
-                    help="comma-separated subset of b128,varlen,small,pages,jit")
+    ap.add_argument("--sections", default="b128,varlen,small,pages,fp8,jit",
+                    help="comma-separated subset of b128,varlen,small,pages,fp8,jit")
     ap.add_argument("--no-peer", action="store_true", help="do not time FlashMLA even if .peer/ has it")
     args = ap.parse_args()
     global PEER
@@ -209,6 +231,11 @@ def main():
         for page_size in (1, 16):  # page sizes other than FlashMLA's 64 (same rows at 64 above)
             for h_q in (16, 128):
                 add(128, 8192, h_q, 1, False, False, page_size=page_size)
+    if "fp8" in sections:
+        for h_q in (16, 128):  # FP8 caches (bytes = the FP8 bytes read); bf16 rows as the baseline
+            for s_k in (8192, 32768):
+                for kv_format in ("same", "fp8_e4m3", "fp8_656"):
+                    add(128, s_k, h_q, 1, False, False, kv_format=kv_format)
     jit = jit_timings() if "jit" in sections else None
     if args.json:
         with open(args.json, "w") as f:
@@ -217,14 +244,14 @@ def main():
     print(f"\n== flashmla_jit on {torch.cuda.get_device_name()}: h_kv=1, causal, bf16 ==")
     print(f"ceilings (same run): copy {ceil['copy_gbs']:.0f} GB/s | read {ceil['read_gbs']:.0f} GB/s | "
           f"matmul {ceil['matmul_tflops']:.0f} TFLOPS")
-    print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'page':>4} {'us':>8} {'GB/s':>6} {'%read':>6} "
-          f"{'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
+    print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'page':>4} {'kv':>8} {'us':>8} {'GB/s':>6} "
+          f"{'%read':>6} {'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
     for r in rows:
         eager = r.get("eager_us", float("nan"))
         peer = r.get("flashmla_us", float("nan"))
         mismatch = "" if r.get("peer_match", True) else " (outputs differ!)"
         print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>4} "
-              f"{r['page']:>4} {r['us']:>8.1f} "
+              f"{r['page']:>4} {r['kv']:>8} {r['us']:>8.1f} "
               f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
               f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x "
               f"{peer:>11.1f} {peer / r['us']:>10.2f}x{mismatch}")

@@ -1,7 +1,8 @@
 """Small decode steps for compute-sanitizer (memcheck, racecheck): tools/gpu_check.sh runs it.
 
 Covers a whole-request part, split requests (combine), an empty sequence, causal rows
-that see nothing, NaN page tails and a multi-tile query (rows > 64).
+that see nothing, NaN page tails and a multi-tile query (rows > 64); and both FP8 cache
+formats (staging buffers, the in-smem dequantization).
 """
 import os
 import sys
@@ -10,9 +11,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
-from mla_reference import assert_close, make_inputs, reference  # noqa: E402
+from mla_reference import assert_close, make_fp8_inputs, make_inputs, reference  # noqa: E402
 
-from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 for batch, s_q, h_q, lens in [(3, 2, 16, [130, 0, 1]), (1, 2, 48, [2000]), (2, 1, 128, [70, 900])]:
     q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, lens)
@@ -20,5 +21,13 @@ for batch, s_q, h_q, lens in [(3, 2, 16, [130, 0, 1]), (1, 2, 48, [2000]), (2, 1
     out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
     ref_out, ref_lse = reference(q, k, bt, sl, 512, causal=True)
     assert_close(out, lse, ref_out, ref_lse, f"sanitize case b={batch}")
+for kv_format, batch, s_q, h_q, lens, page in [("fp8_e4m3", 3, 2, 16, [130, 0, 1], 16),
+                                               ("fp8_656", 2, 1, 64, [70, 900], 64)]:
+    q, k8, k_scale, bt, sl = make_fp8_inputs(batch, s_q, h_q, 1, lens, kv_format, page_size=page)
+    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+    out, lse = flash_mla_with_kvcache(q, k8, bt, sl, 512, sched, splits, causal=True, k_scale=k_scale)
+    deq = dequantize_kv_cache_fp8(k8, k_scale, torch.float32 if k_scale is not None else torch.bfloat16)
+    ref_out, ref_lse = reference(q, deq, bt, sl, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, f"sanitize case {kv_format} b={batch}")
 torch.cuda.synchronize()
 print("sanitize cases ok")

@@ -17,8 +17,11 @@
 // memory); 16- and 32-row tiles use mma.sync m16n8k16 with operands via ldmatrix. K and V
 // come from the same shared K block (V is the first head_dim_v columns of K). KV pages are gathered per token through the block
 // table with cp.async, double buffered; tokens past the sequence end are zero-filled,
-// so NaN in a page tail never reaches the MMAs.
+// so NaN in a page tail never reaches the MMAs. FP8 caches (kKv != kKvSame, 16- and
+// 32-row tiles only) are staged as raw bytes and dequantized into a single 16-bit KV
+// tile at the top of each iteration (fp8.cuh).
 #pragma once
+#include "fp8.cuh"
 #include "params.cuh"
 
 namespace flashmla {
@@ -28,10 +31,10 @@ constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr float kMaxInit = -1e30f;  // finite: exp2 of (init - init) is 1, never NaN
 
-template <int kTileRows, int kD>
-struct DecodeSmem {
+template <int kTileRows, int kD, int kKv = kKvSame>
+struct DecodeSmem : StageSmem<Fp8Stage<kKv, kD>::kBytes> {  // FP8: two raw staging buffers first
   static constexpr int kColGroups = kDecodeWarps / (kTileRows / 16);
-  u16 kv[2][kBlockN * kD];
+  u16 kv[kKv == kKvSame ? 2 : 1][kBlockN * kD];  // FP8: one tile, refilled from the staging
   u16 q[kTileRows * kD];
   u16 p[kTileRows * kBlockN];
   float row_max[kColGroups][kTileRows];
@@ -50,7 +53,7 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
 }
 constexpr int kSubTileBytes = kBlockN * 128;  // one 64-column sub-tile of a KV block
 
-template <typename T, int kD, int kDV, int kTileRows, bool kCausal>
+template <typename T, int kD, int kDV, int kTileRows, bool kCausal, int kKv = kKvSame>
 __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   static_assert(kD % 64 == 0 && kDV % 64 == 0 && kDV <= kD, "head dims: d % 64 == 0, dv % 64 == 0, dv <= d");
   static_assert(kTileRows == 16 || kTileRows == 32 || kTileRows == 64, "tile rows: 16, 32 or 64");
@@ -76,11 +79,13 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   // 64-row tiles: warps 4w..4w+3 form warpgroup w = cg, and warp w % 4 of a warpgroup
   // owns rows 16 (w % 4).. of wgmma's accumulators, i.e. the same rows as row group rg.
   static_assert(!kWgmma || (kSTokens == 64 && kCols == 256), "wgmma shapes are m64n64 (S) and m64n256 (O)");
+  constexpr bool kFp8 = kKv != kKvSame;
+  static_assert(!kFp8 || !kWgmma, "FP8 caches run on 16- and 32-row (mma.sync) tiles");
 
   // Let the combine kernel's CTAs be scheduled as SMs free up; they wait for this grid.
   grid_launch_dependents();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
-  auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD>*>(smem_raw);
+  auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD, kKv>*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, cg = warp / kRowGroups;  // row group, column group
@@ -88,7 +93,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
   const int begin_req = rec[0], begin_blk = rec[1], end_req = rec[2], end_blk = rec[3], begin_split = rec[4];
-  const float scale = (float)p.scale_log2;
+  // Per-tensor FP8: the tile holds the e4m3 values, k_scale scales S here and O at the end.
+  const float scale = (float)p.scale_log2 * (kKv == kKvFp8 ? fp8_k_scale(p) : 1.f);
   const int rows = (int)p.rows, hpk = (int)p.heads_per_kv;
 
   // The two rows this thread holds in every accumulator fragment: row0 and row0 + 8.
@@ -157,6 +163,19 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
         valid = page >= 0 && page < p.num_pages;
       }
       const i64 row = tok % p.page_size;
+      if constexpr (kFp8) {  // the token's raw bytes into staging buffer `buf`
+        using S = Fp8Stage<kKv, kD>;
+        const unsigned char* src =
+            (const unsigned char*)p.k + (valid ? page * p.k_page_stride + row * p.k_row_stride + head_kv * p.k_head_stride : 0);
+        const u32 dst = smem_u32(smem.stage[buf]) + tok_in_blk * S::kPitch;
+#pragma unroll
+        for (int i = 0; i < (S::kChunks + kTokenThreads - 1) / kTokenThreads; ++i) {
+          const int c = part + kTokenThreads * i;
+          if (c < S::kChunks) cp_async_16(dst + c * 16, valid ? src + c * 16 : src, valid);
+        }
+        cp_async_commit_group();
+        return;
+      }
       const u16* src = (const u16*)p.k +
                        (valid ? page * p.k_page_stride + row * p.k_row_stride + head_kv * p.k_head_stride : 0);
       const u16* src_pe = (const u16*)p.k_pe +
@@ -177,6 +196,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
       cp_async_commit_group();
     };
     load_kv(lo, 0);  // commits Q and the first block together
+    if constexpr (kFp8) {  // FP8: two blocks in flight; one commit group per block (maybe empty)
+      if (lo + 1 < hi) load_kv(lo + 1, 1);
+      else cp_async_commit_group();
+    }
 
     // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
     // live registers make the main loop spill.
@@ -192,13 +215,22 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
     for (int blk = lo; blk < hi; ++blk) {
       const int buf = (blk - lo) & 1;
-      cp_async_wait_all();
-      fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
-      __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
-      // 64-row tiles: warpgroup 0 issues its share of the next block's loads only after
-      // its S wgmmas are in flight (loading from 4 warps alone halves the issue rate).
-      if (blk + 1 < hi && (!kWgmma || cg == 1)) load_kv(blk + 1, buf ^ 1);
-      const u32 sk = smem_u32(smem.kv[buf]);
+      if constexpr (kFp8) {
+        cp_async_wait_group<1>();  // block `blk` (and Q) landed; block blk + 1 may still fly
+        __syncthreads();           // ... for every thread; all are done with the tile
+        dequant_block<kKv, kD, T>(smem_u32(smem.kv[0]), smem_u32(smem.stage[buf]), tid);
+        __syncthreads();           // tile written; staging buffer `buf` free again
+        if (blk + 2 < hi) load_kv(blk + 2, buf);
+        else cp_async_commit_group();
+      } else {
+        cp_async_wait_all();
+        fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
+        __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
+        // 64-row tiles: warpgroup 0 issues its share of the next block's loads only after
+        // its S wgmmas are in flight (loading from 4 warps alone halves the issue rate).
+        if (blk + 1 < hi && (!kWgmma || cg == 1)) load_kv(blk + 1, buf ^ 1);
+      }
+      const u32 sk = smem_u32(smem.kv[kFp8 ? 0 : buf]);
 
       // ---- S = Q K^T for 16 rows x kSTokens tokens, by the warps that own S ----
       // 64-row tiles: warpgroup 0 computes S for all 64 tokens (m64n64k16 reads as many
@@ -344,7 +376,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 #pragma unroll
       for (int c = 0; c < kColGroups; ++c) l += smem.row_sum[c][row0 + 8 * h];
       empty[h] = !(l > 0.f);  // no visible key (or NaN): output 0
-      inv[h] = empty[h] ? 0.f : __fdividef(1.f, l);
+      inv[h] = empty[h] ? 0.f : __fdividef(1.f, l) * (kKv == kKvFp8 ? fp8_k_scale(p) : 1.f);
       l_run[h] = l;
     }
 

@@ -53,7 +53,14 @@ struct DecodeParams {
   i64 rows;                   // s_q * heads_per_kv: query rows per KV head
   i64 page_size, num_pages, max_blocks;
   double scale_log2;          // softmax_scale * log2(e)
+  const float* k_scale;       // per-tensor FP8 cache: () fp32 scale on the device, or null
+  double k_scale_value;       // ... the scale when k_scale is null (a host float)
 };
+
+// The per-tensor FP8 scale (a coherent load: the scale may come from a preceding kernel).
+__device__ __forceinline__ float fp8_k_scale(const DecodeParams& p) {
+  return p.k_scale != nullptr ? *p.k_scale : (float)p.k_scale_value;
+}
 
 struct CombineParams {
   const int* sched;           // (num_parts, kSchedRecordInts): record 0 holds the active count

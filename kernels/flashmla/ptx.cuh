@@ -34,6 +34,8 @@ __device__ __forceinline__ void cp_async_16(u32 dst, const void* src, bool valid
 }
 __device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;\n" ::: "memory"); }
+template <int N>  // until at most N of this thread's most recent groups are pending
+__device__ __forceinline__ void cp_async_wait_group() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
 
 // ---- ldmatrix: four 8x8 b16 matrices per warp ----------------------------------------
 __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
