@@ -15,7 +15,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import cuda.bindings, cupy, torch; print('cuda-bindings', cuda.bindings.__version__, '| cupy', cupy.__version__, '| torch', torch.__version__)"
 
 if [[ $stage == all || $stage == tests ]]; then
-  timeout 240 python3 -m pytest tests -q -rs --timeout 120 2>&1 | tee "$OUT/pytest.log" | tail -40
+  timeout 400 python3 -m pytest tests -q -rs --timeout 120 2>&1 | tee "$OUT/pytest.log" | tail -40
   status+=("pytest: $(tail -1 "$OUT/pytest.log")")
 fi
 if [[ $stage == all || $stage == sanitize ]]; then
