@@ -195,7 +195,10 @@ def flash_mla_with_kvcache(q, k_cache, block_table, cache_seqlens, head_dim_v: i
     # Hot path: a torch call whose signature (shapes, strides, dtypes, devices, scalars)
     # was validated before only reads the pointers and launches.
     key = _torch_signature(arrays, scalars)
-    plan = _plans.get(key) if key is not None else None
+    try:
+        plan = _plans.get(key) if key is not None else None
+    except TypeError:  # an unhashable scalar: validation below names it
+        key = plan = None
     if plan is not None and not settings.get().validate:
         ptrs = [x.data_ptr() if x is not None else 0 for x in arrays]
         if not plan.misaligned(ptrs):
@@ -348,7 +351,7 @@ class _DecodePlan:
         rows = s_q * heads_per_kv
         ragged = cu is not None
 
-        def bsh(shape, strides):  # (batch, token, head) strides; packed ragged tokens have no batch stride
+        def bsh(strides):  # (batch, token, head) strides; packed ragged tokens have no batch stride
             return (0, *strides[:2]) if ragged else strides[:3]
 
         # Outputs the plan allocates are contiguous; caller-owned ones keep their strides.
@@ -369,11 +372,9 @@ class _DecodePlan:
         kv_format, _, k_scale_value = kv  # from _kv_format; a k_scale array is a pointer of the call
         self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format)
         self.decode_params = DecodeParams(
-            *([0] * 13),
-            *bsh(qt.shape, qt.strides), *kt.strides[:3],
-            *bsh(qpt.shape, qpt.strides) if qpt else bsh(qt.shape, qt.strides),
-            *(kpt.strides[:3] if kpt else kt.strides[:3]), bt.strides[0],
-            *bsh(out_shape, o_strides), *lse_strides,
+            *([0] * 13),  # pointers: filled per call
+            *bsh(qt.strides), *kt.strides[:3], *bsh((qpt or qt).strides),
+            *(kpt or kt).strides[:3], bt.strides[0], *bsh(o_strides), *lse_strides,
             batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
             softmax_scale * math.log2(math.e), 0, k_scale_value)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
@@ -383,7 +384,7 @@ class _DecodePlan:
         chunked = num_parts > 4 * batch
         self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
         self.combine_params = CombineParams(
-            *([0] * 7), *bsh(out_shape, o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
+            *([0] * 7),  # pointers: filled per call *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
             int(chunked))
         per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
