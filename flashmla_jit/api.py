@@ -384,8 +384,8 @@ class _DecodePlan:
         chunked = num_parts > 4 * batch
         self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
         self.combine_params = CombineParams(
-            *([0] * 7),  # pointers: filled per call *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows,
-            int(chunked))
+            *([0] * 7),  # pointers: filled per call
+            *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows, int(chunked))
         per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
         self.torch_dtype = self.torch_device = None
