@@ -235,3 +235,23 @@ def test_fp8_formats():
     assert (fmt, st.shape, value) == ("fp8_e4m3", (1,), 1.0)
     assert api._kv_format(describe(fp8_cache(656), "k"), q, None, None) == ("fp8_656", None, 1.0)
     assert api._kv_format(describe(torch.zeros(1, 1, 1, 576, dtype=torch.bfloat16), "k"), q, None, None) == ("same", None, 1.0)
+
+
+def test_plan_fills_every_size_and_stride():
+    # The per-signature plan prefills all but the pointers of both kernels' parameters.
+    q = describe(torch.zeros(2, 3, 16, 576, dtype=torch.bfloat16), "q")
+    k = describe(torch.zeros(8, 64, 1, 576, dtype=torch.bfloat16), "k_cache")
+    bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
+    sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
+    plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 3, 16, 1, 576, 512, None, True,
+                           (2, 3, 16, 512), (2, 16, 3), ("same", None, 1.0))
+    dp, cp = plan.decode_params, plan.combine_params
+    assert (dp.q_batch_stride, dp.q_seq_stride, dp.q_head_stride) == (3 * 16 * 576, 16 * 576, 576)
+    assert (dp.q_pe_batch_stride, dp.k_pe_page_stride) == (3 * 16 * 576, 64 * 576)
+    assert (dp.rows, dp.max_blocks, dp.page_size, dp.num_pages) == (48, 4, 64, 8)
+    for p in (dp, cp):
+        assert (p.o_batch_stride, p.o_seq_stride, p.o_head_stride) == (3 * 16 * 512, 16 * 512, 512)
+        assert (p.lse_batch_stride, p.lse_head_stride, p.lse_seq_stride) == (48, 3, 1)
+        assert (p.batch, p.s_q, p.h_q, p.h_kv, p.heads_per_kv) == (2, 3, 16, 1, 16)
+    assert cp.rows == 48 and cp.chunked == 1  # 132 parts for 2 requests: many pieces each
+    assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 4, 1, 1)
