@@ -82,12 +82,18 @@ def _num_parts(device: int, rows: int, h_kv: int) -> int:
 
 # ---- public API -----------------------------------------------------------------------
 
+_is_compiling = None
+
+
 def _compiling(x) -> bool:
     """Inside a torch.compile trace of torch tensors: go through torch.ops.flashmla_jit.*"""
-    if type(x).__module__.split(".")[0] != "torch":
+    global _is_compiling
+    if not type(x).__module__.startswith("torch"):
         return False
-    import torch
-    return torch.compiler.is_compiling()
+    if _is_compiling is None:
+        import torch
+        _is_compiling = torch.compiler.is_compiling
+    return _is_compiling()
 
 
 def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, *, num_seqs=None, out=None):
@@ -389,6 +395,8 @@ class _DecodePlan:
         per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
         self.torch_dtype = self.torch_device = None
+        from . import driver
+        self.driver = driver
 
     def misaligned(self, ptrs) -> bool:
         """cp.async moves 16-byte chunks: q, k_cache, q_pe, k_pe_cache and out must be
@@ -398,8 +406,7 @@ class _DecodePlan:
 
     def run(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
         out, lse, scratch, launches = self.prepare(ptrs, q, out, lse, stream, like)
-        from . import driver
-        driver.launch_all(self.device, launches)
+        self.driver.launch_all(self.device, launches)
         return out, lse  # scratch is released here: the allocators are stream ordered
 
     def prepare(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
@@ -407,6 +414,8 @@ class _DecodePlan:
         launches alone)."""
         q_ptr, k_ptr, bt, sl, sched, ns, q_pe, k_pe, cu, out_ptr, lse_ptr, k_scale = ptrs
         if like is None and self.torch_dtype is None:
+            import torch
+            self.torch_empty, self.torch_float32 = torch.empty, torch.float32
             self.torch_dtype, self.torch_device = q.dtype, q.device
         if out is None:
             out = self._empty(like, self.out_shape, self.dtype)
@@ -437,9 +446,9 @@ class _DecodePlan:
     def _empty(self, like, shape, dtype):
         if like is not None:
             return empty(like, shape, dtype)
-        import torch  # the torch hot path: no Tensor description at hand
-        return torch.empty(shape, dtype=self.torch_dtype if dtype != "fp32" else torch.float32,
-                           device=self.torch_device)
+        # the torch hot path: no Tensor description at hand
+        return self.torch_empty(shape, dtype=self.torch_dtype if dtype != "fp32" else self.torch_float32,
+                                device=self.torch_device)
 
 
 def _contiguous_strides(shape):

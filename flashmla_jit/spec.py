@@ -110,12 +110,14 @@ class KernelSpec:
         return ".".join(parts)
 
     # ---- launch configuration ----------------------------------------------------------
-    @property
+    # Read on every launch: computed once per spec (cached_property writes the instance
+    # dict directly, which a frozen dataclass allows).
+    @functools.cached_property
     def threads(self) -> int:
         return {"decode": DECODE_THREADS, "combine": COMBINE_THREADS,
                 "metadata": METADATA_THREADS}[self.kind]
 
-    @property
+    @functools.cached_property
     def smem_bytes(self) -> int:
         """Dynamic shared memory; mirrors DecodeSmem in kernels/flashmla/decode.cuh."""
         if self.kind != "decode":
