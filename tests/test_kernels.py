@@ -43,7 +43,10 @@ def sass(cubin: bytes, tmp_path) -> str:
 EXPECTED = {
     # kind: instructions that must appear (tensor-core MMA, ldmatrix, async copies, ex2)
     "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
-    "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
+    # 64-row tiles (decode_wgmma.cuh, seesaw): wgmma, named-barrier handoffs between the
+    # two warpgroups, proxy fences for the cp.async -> wgmma and st.shared -> wgmma paths
+    "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE", "BAR.ARV",
+                   "FENCE.VIEW.ASYNC.S"],
     "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
     "combine": ["MUFU.EX2", "LDG.E.128"],
     "metadata": ["SHFL.UP", "BAR.SYNC"],
@@ -64,6 +67,20 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
         assert "HMMA" not in code, f"{s.name}: 64-row tiles must run on wgmma only"
         # as for HMMA, only bf16 inputs print a type suffix
         assert ("HGMMA.64x256x16.F32.BF16" in code) == (s.dtype == "bf16")
+        hgmma = [line for line in code.splitlines() if "HGMMA." in line]
+        s_mma = [line for line in hgmma if ".64x64x16." in line]
+        pv_mma = [line for line in hgmma if ".64x256x16." in line]
+        # 4 S batches in the code (each warpgroup: first block + loop) x d/16 k-steps,
+        # 4 PV batches (own P from registers, other's P from smem, per warpgroup) x 4
+        assert len(s_mma) == 4 * (s.head_dim // 16), f"{s.name}: {len(s_mma)} m64n64k16"
+        assert len(pv_mma) == 4 * 4, f"{s.name}: {len(pv_mma)} m64n256k16"
+        # RS forms (A from registers: "HGMMA... R, R, gdesc"): P V with the own P, and
+        # the rope k-steps of S (Q's rope part is held in registers)
+        rs = [line for line in hgmma if ", gdesc" in line and line.split("gdesc")[0].count("R") >= 2]
+        assert len(rs) == 2 * 4 + (4 * 4 if s.head_dim > s.head_dim_v else 0), f"{s.name}: {len(rs)} RS wgmma"
+        # Not serialized: only the last wgmma of each batch waits on the group barrier
+        # (gsb0), one batch per WARPGROUP.ARRIVE.
+        assert sum("gsb0" in line for line in hgmma) == code.count("WARPGROUP.ARRIVE"), s.name
     elif s.kind == "decode":
         # fp16 inputs print as plain HMMA.16816.F32; bf16 ones carry a .BF16 suffix
         assert ("HMMA.16816.F32.BF16" in code) == (s.dtype == "bf16")
