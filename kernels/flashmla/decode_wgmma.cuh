@@ -28,9 +28,9 @@
 // ---- Order of events per block pair (blk = even block in kv0, blk+1 in kv1) ----
 // WG0                                         WG1
 //  1 wait S0 (wgmma_wait 0)                    1 bar.sync P0  (m0, sP0 ready)
-//  2 refill kv0 rope sub-tile (only S0 read it)2 O_R *= s0; issue g = sP0 V0_R (SS)
-//  3 softmax S0 -> m0, P0; write sMax0, sP0    3 wait S1 (wgmma_wait 1: g may run)
-//    fence.proxy.async; bar.arrive P0          4 refill kv1 rope sub-tile
+//  2 refill kv0 rope sub-tile (only S0 read it)2 wait S1 (wgmma_wait 0), then
+//  3 softmax S0 -> m0, P0; write sMax0, sP0      O_R *= s0; issue g = sP0 V0_R (SS)
+//    fence.proxy.async; bar.arrive P0         3-4 refill kv1 rope sub-tile
 //  4 O_L *= s0; issue c = P0 V0_L (RS)         5 softmax S1 -> m1, P1; write sMax1, sP1
 //  5 bar.sync P1 (m1, sP1 ready); s1             fence.proxy.async; bar.arrive P1
 //  6 wait c; refill kv0 sub-tiles 0-3          6 wait g; refill kv0 sub-tiles 4-7
@@ -433,10 +433,10 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) decode_wgmma_kernel(const __
       for (int blk = lo; blk < hi; blk += 2) {
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         bar_sync(kBarP0, 256);  // 1: m0 and sP0 ready
-        // 3 before 2: ptxas serializes every wgmma if O is rescaled while any wgmma
-        // (here S1) is still in flight, so S1 is waited for first. S1 was queued on the
-        // pipe ahead of WG0's c, which keeps the pipe busy while we rescale.
-        wgmma_wait_group<0>();  // 3: S1 done (and the previous e); waits live outside branches
+        // 2: S1 is waited for before O_R is touched: ptxas serializes every wgmma if an
+        // accumulator is redefined while any wgmma (here S1) may be in flight. S1 was
+        // queued on the pipe ahead of WG0's c, which keeps the pipe busy meanwhile.
+        wgmma_wait_group<0>();  // S1 done (and the previous e); waits live outside branches
         float m0[2], s0[2], s1[2] = {1.f, 1.f};
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -445,13 +445,13 @@ __global__ void __launch_bounds__(kWgmmaThreads, 1) decode_wgmma_kernel(const __
           l_run[h] *= s0[h];
           m_run[h] = m0[h];
         }
-        rescale(o, s0);  // 2
+        rescale(o, s0);
         wgmma_fence();
         pv_ss(o, sp0, kv0 + kVSub * kSubTileBytes);
         wgmma_commit_group();
         u32 pk[16];
         if (has1) {
-          if (kRope && next1) load_kv(blk + 3, kv1, kRopeSub, kRopeSub + 1);  // 4
+          if (kRope && next1) load_kv(blk + 3, kv1, kRopeSub, kRopeSub + 1);  // 3-4
           cp_async_commit_group();
           float m1[2];
           softmax(s, blk + 1, m0, m1, s1, l_run, pk);  // 5
