@@ -74,14 +74,8 @@ class KernelSpec:
 
     # ---- code generation -------------------------------------------------------------
     @property
-    def wgmma(self) -> bool:
-        """64-row decode tiles run the wgmma seesaw kernel (decode_wgmma.cuh); 16/32-row
-        tiles the mma.sync one (decode.cuh)."""
-        return self.kind == "decode" and self.tile_rows == 64
-
-    @property
     def header(self) -> str:
-        return "flashmla/decode_wgmma.cuh" if self.wgmma else f"flashmla/{self.kind}.cuh"
+        return f"flashmla/{self.kind}.cuh"
 
     @property
     def name_expression(self) -> str:
@@ -89,8 +83,6 @@ class KernelSpec:
         t = DTYPES[self.dtype]
         if self.kind == "decode":
             causal = "true" if self.causal else "false"
-            if self.wgmma:
-                return f"&flashmla::decode_wgmma_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}>"
             kv = "" if self.kv_format == "same" else f", {KV_FORMATS[self.kv_format]}"
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
@@ -127,18 +119,9 @@ class KernelSpec:
 
     @functools.cached_property
     def smem_bytes(self) -> int:
-        """Dynamic shared memory; mirrors SeesawSmem in kernels/flashmla/decode_wgmma.cuh
-        (64-row tiles) and DecodeSmem in kernels/flashmla/decode.cuh (16/32 rows)."""
+        """Dynamic shared memory; mirrors DecodeSmem in kernels/flashmla/decode.cuh."""
         if self.kind != "decode":
             return 0
-        if self.wgmma:
-            kv = 2 * BLOCK_N * self.head_dim * 2
-            q = 64 * self.head_dim * 2
-            # P of each warpgroup (64 x 64, 16-bit); with a rope part, sP1 reuses Q's
-            # rope sub-tile (that part of Q is held in registers).
-            p = 64 * BLOCK_N * 2 * (1 if self.head_dim > self.head_dim_v else 2)
-            stats = 5 * 64 * 4  # max0, max1, row sums of both warpgroups, row limit
-            return kv + q + p + stats
         col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
         kv = (2 if self.kv_format == "same" else 1) * BLOCK_N * self.head_dim * 2
         stage = 0 if self.kv_format == "same" else 2 * BLOCK_N * fp8_stage_pitch(self.kv_format, self.head_dim)

@@ -1,32 +1,35 @@
-// Split-KV MLA decode for 16- and 32-row query tiles, on mma.sync (64-row tiles run the
-// wgmma seesaw kernel in decode_wgmma.cuh; same parameters, same results). One CTA = one
-// query tile (kTileRows rows) of one KV head x one scheduler part (a contiguous run of
-// (request, 64-token block) work from get_mla_metadata).
+// Split-KV MLA decode: one CTA = one query tile (kTileRows rows) of one KV head x one
+// scheduler part (a contiguous run of (request, 64-token block) work from
+// get_mla_metadata).
 //
 // Query rows of KV head g are packed as r = s_idx * heads_per_kv + head_in_group, so
 // all query heads (and tokens) sharing a KV head ride in one tile (FlashMLA's layout).
-// The tile height follows the rows per KV head: few rows means a short tile, so the
-// memory-bound case does not pay for padding rows in MMAs and smem reads.
+// The tile height follows the rows per KV head (16, 32 or 64): few rows means a short
+// tile, so the memory-bound case does not pay for padding rows in MMAs and smem reads.
 //
 // Warps: 8 = kRowGroups (16 rows each) x kColGroups. For S = Q K^T the column groups
 // split the 64 tokens of a block; for O += P V they split the output columns. The warps
 // of a row group agree on the running max through shared memory and share P (16-bit)
 // through shared memory, so each S element is computed once.
 //
-// Tensor cores: mma.sync m16n8k16 with operands via ldmatrix (64-row tiles:
-// decode_wgmma.cuh). K and V come from the same shared K block (V is the first
-// head_dim_v columns of K). KV pages are gathered per token through the block table with
-// cp.async, double buffered; tokens past the sequence end are zero-filled, so NaN in a
-// page tail never reaches the MMAs. FP8 caches (kKv != kKvSame) are staged as raw bytes
-// and dequantized into a single 16-bit KV tile at the top of each iteration (fp8.cuh).
+// Tensor cores: 64-row tiles use wgmma (two warpgroups: S for 32 tokens each with
+// m64n32k16, O for 256 columns each with m64n256k16, operands straight from shared
+// memory); 16- and 32-row tiles use mma.sync m16n8k16 with operands via ldmatrix. K and V
+// come from the same shared K block (V is the first head_dim_v columns of K). KV pages are gathered per token through the block
+// table with cp.async, double buffered; tokens past the sequence end are zero-filled,
+// so NaN in a page tail never reaches the MMAs. FP8 caches (kKv != kKvSame, 16- and
+// 32-row tiles only) are staged as raw bytes and dequantized into a single 16-bit KV
+// tile at the top of each iteration (fp8.cuh).
 #pragma once
-#include "decode_common.cuh"
 #include "fp8.cuh"
+#include "params.cuh"
 
 namespace flashmla {
 
+constexpr int kBlockN = 64;
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
+constexpr float kMaxInit = -1e30f;  // finite: exp2 of (init - init) is 1, never NaN
 
 template <int kTileRows, int kD, int kKv = kKvSame>
 struct DecodeSmem : StageSmem<Fp8Stage<kKv, kD>::kBytes> {  // FP8: two raw staging buffers first
@@ -39,20 +42,30 @@ struct DecodeSmem : StageSmem<Fp8Stage<kKv, kD>::kBytes> {  // FP8: two raw stag
   int row_limit[kTileRows];  // per row: keys [0, limit) are visible
 };
 
-// Shared tiles use the 128-byte-swizzled sub-tile layout of decode_common.cuh
-// (tile_offset): ldmatrix reads 8 rows of one chunk column from 8 different bank groups.
+// Shared tiles are stored as wgmma's 128-byte-swizzled K-major layout: a tile of kRows
+// rows x (64 * n) columns is n sub-tiles of kRows x 64 elements (128-byte rows, 8-row
+// atoms of 1024 bytes), and inside a row the 16-byte chunk index is XORed with row % 8.
+// wgmma reads it through descriptors; ldmatrix reads 8 rows of one chunk column from 8
+// different bank groups. Element offset of (row, col); col must be a multiple of 8.
+template <int kRows>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  return (col / 64) * kRows * 64 + row * 64 + ((((col / 8) % 8) ^ (row % 8)) * 8);
+}
+constexpr int kSubTileBytes = kBlockN * 128;  // one 64-column sub-tile of a KV block
 
 template <typename T, int kD, int kDV, int kTileRows, bool kCausal, int kKv = kKvSame>
 __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   static_assert(kD % 64 == 0 && kDV % 64 == 0 && kDV <= kD, "head dims: d % 64 == 0, dv % 64 == 0, dv <= d");
-  static_assert(kTileRows == 16 || kTileRows == 32, "tile rows: 16 or 32 (64: decode_wgmma.cuh)");
+  static_assert(kTileRows == 16 || kTileRows == 32 || kTileRows == 64, "tile rows: 16, 32 or 64");
   constexpr int kRowGroups = kTileRows / 16;
-  constexpr int kColGroups = kDecodeWarps / kRowGroups;  // 8, 4
-  // The column groups split the 64 tokens of S and the output columns of O.
-  constexpr int kSGroups = kColGroups;
-  constexpr int kSTokens = kBlockN / kSGroups;           // S tokens per warp: 8 or 16
+  constexpr int kColGroups = kDecodeWarps / kRowGroups;  // 8, 4, 2
+  constexpr bool kWgmma = kTileRows == 64;               // 64-row tiles run on wgmma
+  // Warps that compute S: mma.sync tiles split the 64 tokens over the column groups;
+  // wgmma tiles give all of S to warpgroup 0 (one S group).
+  constexpr int kSGroups = kWgmma ? 1 : kColGroups;
+  constexpr int kSTokens = kBlockN / kSGroups;           // S tokens per warp: 8, 16 or 64
   constexpr int kSTiles = kSTokens / 8;                  // n8 tiles of S per warp
-  constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128
+  constexpr int kCols = kDV / kColGroups;                // O columns per warp: 64, 128, 256
   constexpr int kOTiles = kCols / 8;                     // n8 tiles of O per warp
   constexpr int kChunks = kD / 8;                        // 16-byte chunks per K/Q row
   constexpr int kTokenThreads = kDecodeThreads / kBlockN;  // KV loader threads per token
@@ -63,7 +76,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   static_assert(kChunks % 8 == 0, "a token's chunks split evenly over its loader threads");
   static_assert(kCols % 64 == 0, "a warp's O columns span whole swizzle atoms");
   constexpr int kGroupThreads = 32 * kColGroups;         // threads of one row group
+  // 64-row tiles: warps 4w..4w+3 form warpgroup w = cg, and warp w % 4 of a warpgroup
+  // owns rows 16 (w % 4).. of wgmma's accumulators, i.e. the same rows as row group rg.
+  static_assert(!kWgmma || (kSTokens == 64 && kCols == 256), "wgmma shapes are m64n64 (S) and m64n256 (O)");
   constexpr bool kFp8 = kKv != kKvSame;
+  static_assert(!kFp8 || !kWgmma, "FP8 caches run on 16- and 32-row (mma.sync) tiles");
 
   // Let the combine kernel's CTAs be scheduled as SMs free up; they wait for this grid.
   grid_launch_dependents();
@@ -88,10 +105,11 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   // cover every k-step; the rest of each address is an immediate.
   const u32 sq = smem_u32(smem.q), sp = smem_u32(smem.p);
   const u32 q_frag = sq + (rg * 16 + lane % 16) * 128;                         // A of Q K^T
-  const int s_tok0 = cg * kSTokens;                                            // first S token of this warp
+  const int s_tok0 = kWgmma ? 0 : cg * kSTokens;                               // first S token of this warp
   const u32 k_frag = (s_tok0 + lane % 8 + (lane / 16) * 8) * 128;              // B of Q K^T
   const u32 p_frag = sp + (rg * 16 + lane % 16) * 128;                         // A of P V
   const u32 v_frag = (lane % 8 + ((lane / 8) % 2) * 8) * 128 + (cg * kCols / 64) * kSubTileBytes;  // B of P V
+  const u32 v_frag_wg = (cg * kCols / 64) * kSubTileBytes;                     // wgmma: V of warpgroup cg
   u32 a_xor[4], k_xor[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -206,34 +224,54 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
         else cp_async_commit_group();
       } else {
         cp_async_wait_all();
+        fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
         __syncthreads();  // block `blk` visible to all; everyone is done with the other buffer
-        if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
+        // 64-row tiles: warpgroup 0 issues its share of the next block's loads only after
+        // its S wgmmas are in flight (loading from 4 warps alone halves the issue rate).
+        if (blk + 1 < hi && (!kWgmma || cg == 1)) load_kv(blk + 1, buf ^ 1);
       }
       const u32 sk = smem_u32(smem.kv[kFp8 ? 0 : buf]);
 
-      // ---- S = Q K^T for 16 rows x kSTokens tokens ----
+      // ---- S = Q K^T for 16 rows x kSTokens tokens, by the warps that own S ----
+      // 64-row tiles: warpgroup 0 computes S for all 64 tokens (m64n64k16 reads as many
+      // smem bytes per cycle as the pipe allows; n32 would be smem-bound) and the
+      // softmax, and hands P and the row rescale to warpgroup 1 through shared memory.
       float rescale[2];
-      {
+      if (!kWgmma || cg == 0) {
         float s[kSTiles][4];
 #pragma unroll
         for (int j = 0; j < kSTiles; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+        if constexpr (kWgmma) {
+          float(&acc)[kSTiles * 4] = *reinterpret_cast<float(*)[kSTiles * 4]>(&s[0][0]);
+          wgmma_fence();
+#pragma unroll
+          for (int ks = 0; ks < kD / 16; ++ks) {
+            const u32 k_off = (ks / 4) * kSubTileBytes + (ks % 4) * 32;  // +32 bytes = 16 columns in an atom
+            wgmma_m64n64k16_ss(acc, smem_desc(sq + (ks / 4) * kTileRows * 128 + (ks % 4) * 32, 0, 1024),
+                               smem_desc(sk + k_off, 0, 1024), ks > 0, T{});
+          }
+          wgmma_commit_group();
+          if (blk + 1 < hi) load_kv(blk + 1, buf ^ 1);
+          wgmma_wait_group<0>();
+        } else {
 #pragma unroll 1
-        for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one sub-tile
+          for (int atom = 0; atom < kD / 64; ++atom) {  // 64 columns = one sub-tile
 #pragma unroll
-          for (int ks = 0; ks < 4; ++ks) {
-            u32 a[4];
-            ldmatrix_x4(a, q_frag + atom * kTileRows * 128 + a_xor[ks]);
+            for (int ks = 0; ks < 4; ++ks) {
+              u32 a[4];
+              ldmatrix_x4(a, q_frag + atom * kTileRows * 128 + a_xor[ks]);
 #pragma unroll
-            for (int nn = 0; nn < kSTiles; nn += 2) {
-              if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
-                u32 b[2];
-                ldmatrix_x2(b, sk + k_frag + atom * kSubTileBytes + k_xor[ks]);
-                mma_m16n8k16(s[0], a, b[0], b[1], T{});
-              } else {
-                u32 b[4];
-                ldmatrix_x4(b, sk + k_frag + nn * 8 * 128 + atom * kSubTileBytes + k_xor[ks]);
-                mma_m16n8k16(s[nn], a, b[0], b[1], T{});
-                mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+              for (int nn = 0; nn < kSTiles; nn += 2) {
+                if (kSTiles == 1) {  // one n8 tile: lanes 0-15 address its two 8x8 halves
+                  u32 b[2];
+                  ldmatrix_x2(b, sk + k_frag + atom * kSubTileBytes + k_xor[ks]);
+                  mma_m16n8k16(s[0], a, b[0], b[1], T{});
+                } else {
+                  u32 b[4];
+                  ldmatrix_x4(b, sk + k_frag + nn * 8 * 128 + atom * kSubTileBytes + k_xor[ks]);
+                  mma_m16n8k16(s[nn], a, b[0], b[1], T{});
+                  mma_m16n8k16(s[nn + 1], a, b[2], b[3], T{});
+                }
               }
             }
           }
@@ -267,6 +305,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
           rescale[h] = ex2(m_run[h] - m_new);
           m_run[h] = m_new;
           l_run[h] *= rescale[h];
+          if (kWgmma && t == 0) smem.row_max[0][row0 + 8 * h] = rescale[h];  // for warpgroup 1
         }
 #pragma unroll
         for (int j = 0; j < kSTiles; ++j) {
@@ -280,12 +319,30 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
           *(u32*)&smem.p[tile_offset<kTileRows>(row0 + 8, col) + 2 * t] = cvt_pack(s[j][2], s[j][3], T{});
         }
       }
+      if constexpr (kWgmma) {
+        fence_proxy_async_shared();  // P was written with st.shared; wgmma reads it
+        __syncthreads();             // P and the rescale of this block published by warpgroup 0
+        if (cg == 1) {
+          rescale[0] = smem.row_max[0][row0];
+          rescale[1] = smem.row_max[0][row0 + 8];
+        }
+      }
 #pragma unroll
       for (int j = 0; j < kOTiles; ++j) {
         o[j][0] *= rescale[0]; o[j][1] *= rescale[0];
         o[j][2] *= rescale[1]; o[j][3] *= rescale[1];
       }
-      {
+      if constexpr (kWgmma) {
+        // ---- O[64 rows, this warpgroup's 256 columns] += P[64, 64] V[64, 256] ----
+        float(&acc)[kOTiles * 4] = *reinterpret_cast<float(*)[kOTiles * 4]>(&o[0][0]);
+        wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < kBlockN / 16; ++kk)  // V: MN-major, 64-column sub-tiles 8 KB apart
+          wgmma_m64n256k16_ss(acc, smem_desc(sp + kk * 32, 0, 1024),
+                              smem_desc(sk + v_frag_wg + kk * 16 * 128, kSubTileBytes, 1024), 1, T{});
+        wgmma_commit_group();
+        wgmma_wait_group<0>();
+      } else {
         // ---- O[16 rows, this warp's kCols columns] += P[16, 64] V[64, kCols] ----
         bar_sync(1 + rg, kGroupThreads);  // P of the whole row group written
 #pragma unroll
