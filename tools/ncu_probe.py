@@ -1,0 +1,23 @@
+"""A decode step for ncu to profile: b = 128, s_k = 16384, causal, bf16.
+
+  ncu -k regex:decode -s 2 -c 1 --section WarpStateStats python tools/ncu_probe.py H_Q S_Q
+  (add --page source --print-source sass --csv for stall samples per SASS instruction)
+"""
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from mla_reference import make_inputs  # noqa: E402
+
+import flashmla_jit  # noqa: E402
+
+h_q, s_q = int(sys.argv[1]), int(sys.argv[2])
+q, k_cache, block_table, seqlens = make_inputs(128, s_q, h_q, 1, [16384] * 128, nan_tail=False)
+sched, splits = flashmla_jit.get_mla_metadata(seqlens, s_q * h_q, 1)
+for _ in range(3):  # the first call compiles; profile a later one (-s 2)
+    flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+torch.cuda.synchronize()
