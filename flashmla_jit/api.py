@@ -148,10 +148,10 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int,
                              f"with 1 <= num_parts <= {MAX_PARTS}, got {st.shape}")
         if nst.shape != (batch + 1,):
             raise ValueError(f"out[1] (num_splits) must have shape ({batch + 1},) (batch + 1), got {nst.shape}")
-        device = _check_device(arrays)
+    device = _check_device(arrays)
+    if out is not None:
         num_parts, sched_ptr, splits_ptr = st.shape[0], st.ptr, nst.ptr
     else:
-        device = _check_device(arrays)
         num_parts = _num_parts(device, num_heads_per_head_k, num_heads_k)
         sched = empty(seqlens, (num_parts, SCHED_RECORD_INTS), "int32")
         num_splits = empty(seqlens, (batch + 1,), "int32")

@@ -84,6 +84,20 @@ def reference(q, k_cache, block_table, seqlens, head_dim_v, softmax_scale=None, 
     return out, lse
 
 
+def capture_graph(fn):
+    """Run fn once on a side stream (compiles and loads outside the capture), capture a
+    second call in a CUDA graph; return (the graph's replay, what the captured call returned)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = fn()
+    return graph.replay, result
+
+
 def cosine_diff(x, y):
     """FlashMLA's measure: 1 - 2 sum(xy) / sum(x^2 + y^2); 0 for identical tensors."""
     x, y = x.double(), y.double()

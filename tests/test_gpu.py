@@ -18,7 +18,7 @@ if not torch.cuda.is_available():
 if torch.cuda.get_device_capability(0)[0] != 9:
     pytest.skip("GPU is not a Hopper (sm_90)", allow_module_level=True)
 
-from mla_reference import assert_close, make_fp8_inputs, make_inputs, reference  # noqa: E402
+from mla_reference import assert_close, capture_graph, make_fp8_inputs, make_inputs, reference  # noqa: E402
 
 import flashmla_jit  # noqa: E402
 from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
@@ -220,23 +220,18 @@ def test_cuda_graph_replay_after_seqlens_change():
     batch, s_q, h_q = 16, 2, 64
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [8192] * batch, nan_tail=False)
     static_lens = torch.randint(1, 8192, (batch,), dtype=torch.int32, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up (compile + load) outside the capture
+    def step():
         sched, ns = get_mla_metadata(static_lens, s_q * h_q, 1)
-        flash_mla_with_kvcache(q, k_cache, block_table, static_lens, 512, sched, ns, causal=True)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sched, ns = get_mla_metadata(static_lens, s_q * h_q, 1)
-        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, static_lens, 512, sched, ns, causal=True)
+        return flash_mla_with_kvcache(q, k_cache, block_table, static_lens, 512, sched, ns, causal=True)
+
+    replay, (out, lse) = capture_graph(step)
     for trial in range(3):
         new_lens = torch.randint(0, 8192, (batch,), dtype=torch.int32, device="cuda")
         new_lens[trial] = 0
         static_lens.copy_(new_lens)
         q.copy_(torch.randn_like(q))
         out.fill_(float("nan"))
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         ref_out, ref_lse = reference(q, k_cache, block_table, static_lens, 512, causal=True)
         assert_close(out, lse, ref_out, ref_lse, f"graph replay {trial}")
@@ -262,14 +257,7 @@ def test_graph_with_padded_batch_and_caller_metadata_buffers():
         for o, l in zip(outs, lses):
             flash_mla_with_kvcache(q, k_cache, block_table, lens, 512, sched, ns, out=o, lse=l)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    replay, _ = capture_graph(step)
     for active in (16, 5, 1, 0):
         num_seqs.fill_(active)
         new_lens = torch.randint(0, 6000, (cap,), dtype=torch.int32, device="cuda")
@@ -278,7 +266,7 @@ def test_graph_with_padded_batch_and_caller_metadata_buffers():
         for o, l in zip(outs, lses):
             o.fill_(7.0)
             l.fill_(7.0)
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         ref_out, ref_lse = reference(q[:active], k_cache, block_table[:active], lens[:active], 512)
         for o, l in zip(outs, lses):
@@ -425,19 +413,14 @@ def test_fp8_k_scale_is_read_on_the_device_in_a_graph():
     batch, s_q, h_q = 8, 2, 16
     q, k8, k_scale, table, lens = make_fp8_inputs(batch, s_q, h_q, 1, [3000] * batch, "fp8_e4m3", nan_tail=False)
     scale_t = torch.tensor([k_scale], dtype=torch.float32, device="cuda")
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    def step():
         sched, ns = get_mla_metadata(lens, s_q * h_q, 1)
-        flash_mla_with_kvcache(q, k8, table, lens, 512, sched, ns, causal=True, k_scale=scale_t)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        sched, ns = get_mla_metadata(lens, s_q * h_q, 1)
-        out, lse = flash_mla_with_kvcache(q, k8, table, lens, 512, sched, ns, causal=True, k_scale=scale_t)
+        return flash_mla_with_kvcache(q, k8, table, lens, 512, sched, ns, causal=True, k_scale=scale_t)
+
+    replay, (out, lse) = capture_graph(step)
     for factor in (1.0, 0.5, 3.0):
         scale_t.fill_(k_scale * factor)
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
         ref_out, ref_lse = reference(q, dequantize_kv_cache_fp8(k8, k_scale * factor, torch.float32), table, lens,
                                      512, causal=True)

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from mla_reference import make_inputs  # noqa: E402
+from mla_reference import capture_graph, make_inputs  # noqa: E402
 
 from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from flashmla_jit import fp8  # noqa: E402
@@ -82,19 +82,6 @@ def eager_mla(q, k_cache, block_table, s_k, causal):
     return torch.bmm(probs, kv[..., :512]).view(b, s_q, h_q, 512), lse
 
 
-def graph_of(fn):
-    """Capture fn in a CUDA graph (after a warm-up on a side stream); return its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def quantize_cache(k_cache, kv_format, pages_per_chunk=4096):
     """The bench cache as FP8 (chunked over pages: the quantizers work in fp32) and k_scale
     (a 1-element device tensor, as vLLM passes it; None for the 656 layout)."""
@@ -121,7 +108,7 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True,
                                           k_scale=k_scale)
     # Small batches run for tens of microseconds: time graph replays, or host launch time leaks in.
-    t_ms = bench_ms(graph_of(call) if graph else call)
+    t_ms = bench_ms(capture_graph(call)[0] if graph else call)
     meta_ms = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))
     total = sum(lens)
     flops = s_q * total * h_q * (576 + 512) * 2
@@ -136,7 +123,7 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
         out, _ = call()
         peer_out, _ = peer_call()
         row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
-        row["flashmla_us"] = bench_ms(graph_of(peer_call) if graph else peer_call) * 1e3
+        row["flashmla_us"] = bench_ms(capture_graph(peer_call)[0] if graph else peer_call) * 1e3
     if with_eager and not varlen and kv_format == "same":
         try:
             row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
