@@ -8,11 +8,12 @@ need the seqlens and page ids on the host.
 
 from __future__ import annotations
 
+import ctypes
 import math
 
 from . import settings
 from .spec import (BLOCK_N, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
-                   decode_spec, tile_rows_for)
+                   decode_spec, seesaw_fits, tile_rows_for)
 from .tensors import Tensor, current_stream, describe, empty
 
 # Fixed cost of one split piece (Q load + epilogue), in 64-token blocks, for the scheduler.
@@ -351,7 +352,7 @@ class _DecodePlan:
 
     def __init__(self, qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
                  head_dim_v, softmax_scale, causal, out_shape, lse_shape, kv):
-        from .params import CombineParams, DecodeParams
+        from .params import CombineParams, DecodeParams, SeesawParams
         num_pages, page_size = kt.shape[:2]
         heads_per_kv = h_q // h_kv
         rows = s_q * heads_per_kv
@@ -376,13 +377,25 @@ class _DecodePlan:
         # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
         self.q_pe_split, self.k_pe_split = qpt is not None, kpt is not None
         kv_format, _, k_scale_value = kv  # from _kv_format; a k_scale array is a pointer of the call
-        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format)
+        # Caches of whole 64-token pages run the seesaw kernel (64-row tiles), which loads
+        # KV blocks with TMA through tensor maps (every stride a 16-byte multiple).
+        rope_t = kpt or kt
+        self.seesaw = (settings.get().seesaw and num_pages > 0 and seesaw_fits(rows, head_dim_v, kv_format, page_size)
+                       and all(s % 8 == 0 for s in (*kt.strides[:3], *rope_t.strides[:3])))
+        # (cols, heads, page_size, num_pages, head / row / page strides) of each tensor map
+        self.kv_geometry = ((head_dim_v, h_kv, page_size, num_pages, kt.strides[2], kt.strides[1], kt.strides[0]),
+                            (head_dim - head_dim_v, h_kv, page_size, num_pages, rope_t.strides[2], rope_t.strides[1],
+                             rope_t.strides[0]))
+        self.tensor_maps = {}  # (k, k_pe) addresses -> their two encoded tensor maps
+        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format, self.seesaw)
         self.decode_params = DecodeParams(
             *([0] * 13),  # pointers: filled per call
             *bsh(qt.strides), *kt.strides[:3], *bsh((qpt or qt).strides),
             *(kpt or kt).strides[:3], bt.strides[0], *bsh(o_strides), *lse_strides,
             batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
             softmax_scale * math.log2(math.e), 0, k_scale_value)
+        if self.seesaw:
+            self.decode_params = SeesawParams(p=self.decode_params)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
         # Combine grid: when requests split into many pieces (a batch much smaller than
         # the part count), a CTA per 128-column chunk of a row keeps enough loads in
@@ -430,7 +443,10 @@ class _DecodePlan:
             q_pe = q_ptr + 2 * self.head_dim_v
         if not self.k_pe_split:
             k_pe = k_ptr + 2 * self.head_dim_v
-        dp = type(self.decode_params).from_buffer_copy(self.decode_params)
+        params = type(self.decode_params).from_buffer_copy(self.decode_params)
+        dp = params.p if self.seesaw else params  # a view into params' buffer
+        if self.seesaw:
+            ctypes.memmove(ctypes.addressof(params), self._tensor_maps(k_ptr, k_pe), 256)
         (dp.q, dp.k, dp.q_pe, dp.k_pe, dp.block_table, dp.seqlens, dp.cu_seqlens_q, dp.sched, dp.num_splits,
          dp.out, dp.lse, dp.o_accum, dp.lse_accum, dp.k_scale) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
                                                                   out_ptr, lse_ptr, o_accum, lse_accum, k_scale)
@@ -439,9 +455,22 @@ class _DecodePlan:
             sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
         # The combine starts while the decode kernel drains (programmatic dependent
         # launch) and waits on the GPU for its partials.
-        launches = ((self.decode_spec, self.decode_grid, dp, stream, False),
+        launches = ((self.decode_spec, self.decode_grid, params, stream, False),
                     (self.combine_spec, self.combine_grid, cp, stream, True))
         return out, lse, scratch, launches
+
+    def _tensor_maps(self, k: int, k_pe: int) -> bytes:
+        """The seesaw kernel's two tensor maps (latent, rope) for these cache addresses;
+        encoded once per address pair (serving engines keep one cache per layer)."""
+        maps = self.tensor_maps.get((k, k_pe))
+        if maps is None:
+            if len(self.tensor_maps) >= 64:
+                self.tensor_maps.clear()
+            latent, rope = self.kv_geometry
+            maps = self.driver.kv_tensor_map(k, *latent)
+            maps += self.driver.kv_tensor_map(k_pe, *rope) if rope[0] else bytes(128)
+            self.tensor_maps[(k, k_pe)] = maps
+        return maps
 
     def _empty(self, like, shape, dtype):
         if like is not None:

@@ -67,6 +67,9 @@ def select_specs(args) -> list:
                 for c, s_q in itertools.product(causals, s_qs):
                     rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
                     out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv) for r in rows]
+                    # FlashMLA's 64-token pages (and multiples) run the seesaw kernel
+                    out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv, True) for r in rows
+                            if specs.seesaw_fits(r, dv, kv, specs.BLOCK_N)]
             out.append(specs.combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 

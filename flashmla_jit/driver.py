@@ -107,6 +107,26 @@ def function(spec, device: int):
     return fn
 
 
+def kv_tensor_map(address: int, cols: int, heads: int, page_size: int, num_pages: int,
+                  head_stride: int, row_stride: int, page_stride: int) -> bytes:
+    """The 128 bytes of a CUtensorMap over a paged 16-bit cache seen as (cols, heads, rows
+    in a page, pages), strides in elements: 64 x 64 boxes (64 columns of 64 rows of one
+    head and page), 128-byte swizzled like the kernels' shared tiles; boxes outside the
+    tensor (page ids outside [0, num_pages)) are filled with zeros."""
+    _init()
+    u64, u32 = cu.cuuint64_t, cu.cuuint32_t
+    tensor_map = check(cu.cuTensorMapEncodeTiled(
+        cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, address,
+        [u64(cols), u64(heads), u64(page_size), u64(num_pages)],
+        [u64(2 * head_stride), u64(2 * row_stride), u64(2 * page_stride)],
+        [u32(64), u32(1), u32(64), u32(1)], [u32(1)] * 4,
+        cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
+        cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
+        cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+        cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
+    return ctypes.string_at(int(tensor_map.getPtr()), 128)
+
+
 _streams: dict = {}
 
 

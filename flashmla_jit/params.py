@@ -32,6 +32,13 @@ class DecodeParams(ctypes.Structure):
     ]
 
 
+class SeesawParams(ctypes.Structure):
+    """Two CUtensorMaps (128 bytes each, 64-byte aligned on the device) then DecodeParams;
+    the tail pads to the device struct's size, a multiple of its 64-byte alignment."""
+    _fields_ = [("k_latent", ctypes.c_uint64 * 16), ("k_rope", ctypes.c_uint64 * 16), ("p", DecodeParams),
+                ("_pad", ctypes.c_uint64 * (-ctypes.sizeof(DecodeParams) // 8 % 8))]
+
+
 class CombineParams(ctypes.Structure):
     _fields_ = [
         ("sched", P), ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P), ("out", P),

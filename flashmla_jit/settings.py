@@ -14,7 +14,7 @@ import pathlib
 
 # Variables that change what NVRTC is asked to do. Their values are part of the cache
 # key, so flipping one never serves a binary (or a compile log) built without it.
-CODEGEN_VARS = ("FLASHMLA_JIT_PTXAS_VERBOSE",)
+CODEGEN_VARS = ("FLASHMLA_JIT_PTXAS_VERBOSE", "FLASHMLA_JIT_DEFINES")
 
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("", "0", "false", "no", "off")
@@ -27,6 +27,9 @@ class Settings:
     no_jit: bool              # FLASHMLA_JIT_NO_JIT=1: never compile; a cache miss is an error
     validate: bool            # FLASHMLA_JIT_VALIDATE=1: input checks that synchronize the host
     ptxas_verbose: bool       # FLASHMLA_JIT_PTXAS_VERBOSE=1: ptxas -v, log kept in meta.json
+    defines: tuple            # FLASHMLA_JIT_DEFINES="A=1 B": -D options for kernel experiments
+    seesaw: bool              # FLASHMLA_JIT_SEESAW=0: 64-row tiles on the cp.async kernel, not
+                              # the seesaw (TMA) one; for comparisons
     codegen_env: tuple        # ((name, value), ...) of CODEGEN_VARS, for the cache key
 
 
@@ -56,5 +59,7 @@ def get() -> Settings:
         no_jit=_flag("FLASHMLA_JIT_NO_JIT"),
         validate=_flag("FLASHMLA_JIT_VALIDATE"),
         ptxas_verbose=_flag("FLASHMLA_JIT_PTXAS_VERBOSE"),
+        defines=tuple(os.environ.get("FLASHMLA_JIT_DEFINES", "").split()),
+        seesaw=_flag("FLASHMLA_JIT_SEESAW") if os.environ.get("FLASHMLA_JIT_SEESAW", "").strip() else True,
         codegen_env=tuple((name, os.environ.get(name, "")) for name in CODEGEN_VARS),
     )

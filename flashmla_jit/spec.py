@@ -49,6 +49,8 @@ class KernelSpec:
     causal: bool = False      # decode only; normalized to False when it cannot matter
     tile_rows: int = 64       # decode only: query rows per CTA tile (16, 32 or 64)
     kv_format: str = "same"   # decode only: KV cache format (KV_FORMATS)
+    seesaw: bool = False      # decode only: the 64-row seesaw kernel with TMA loads
+                              # (decode_seesaw.cuh; pages of whole 64-token blocks)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -67,6 +69,9 @@ class KernelSpec:
             if not kv_format_supported(self.kv_format, self.dtype, self.head_dim, self.head_dim_v):
                 raise ValueError(f"kv_format {self.kv_format!r} does not support dtype {self.dtype} with "
                                  f"d={self.head_dim}, dv={self.head_dim_v}")
+        if self.seesaw and not (self.kind == "decode" and self.tile_rows == 64 and self.kv_format == "same"
+                                and self.head_dim_v == 512):
+            raise ValueError("seesaw is a decode kernel for 64-row tiles, head_dim_v 512 and a 16-bit cache")
         allowed = tile_rows_allowed(self.head_dim_v, self.kv_format)
         if self.kind == "decode" and self.tile_rows not in allowed:
             raise ValueError(f"tile_rows must be one of {allowed} for head_dim_v={self.head_dim_v} and "
@@ -75,7 +80,7 @@ class KernelSpec:
     # ---- code generation -------------------------------------------------------------
     @property
     def header(self) -> str:
-        return f"flashmla/{self.kind}.cuh"
+        return "flashmla/decode_seesaw.cuh" if self.seesaw else f"flashmla/{self.kind}.cuh"
 
     @property
     def name_expression(self) -> str:
@@ -83,6 +88,8 @@ class KernelSpec:
         t = DTYPES[self.dtype]
         if self.kind == "decode":
             causal = "true" if self.causal else "false"
+            if self.seesaw:
+                return f"&flashmla::decode_seesaw_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}>"
             kv = "" if self.kv_format == "same" else f", {KV_FORMATS[self.kv_format]}"
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
@@ -103,6 +110,8 @@ class KernelSpec:
         parts = [self.kind, self.dtype, f"d{self.head_dim}", f"dv{self.head_dim_v}"]
         if self.kind == "decode":
             parts.append(f"m{self.tile_rows}")
+            if self.seesaw:
+                parts.append("seesaw")
             if self.causal:
                 parts.append("causal")
             if self.kv_format != "same":
@@ -122,6 +131,10 @@ class KernelSpec:
         """Dynamic shared memory; mirrors DecodeSmem in kernels/flashmla/decode.cuh."""
         if self.kind != "decode":
             return 0
+        if self.seesaw:  # mirrors SeesawSmem in kernels/flashmla/decode_seesaw.cuh
+            rope = self.head_dim > self.head_dim_v
+            tiles = 3 * BLOCK_N * self.head_dim * 2 + (1 if rope else 2) * BLOCK_N * 128
+            return tiles + 1280 + 2 * (self.head_dim // 64) * 8
         col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
         kv = (2 if self.kv_format == "same" else 1) * BLOCK_N * self.head_dim * 2
         stage = 0 if self.kv_format == "same" else 2 * BLOCK_N * fp8_stage_pitch(self.kv_format, self.head_dim)
@@ -154,12 +167,23 @@ def tile_rows_for(rows: int, head_dim_v: int = 512, kv_format: str = "same") -> 
     return next((m for m in allowed if rows <= m), allowed[-1])
 
 
+SEESAW_MIN_ROWS = 1  # fewest query rows per KV head that take the seesaw kernel
+
+
+def seesaw_fits(rows: int, head_dim_v: int, kv_format: str, page_size: int) -> bool:
+    """The seesaw kernel (64-row tiles, TMA loads) runs dv = 512 on 16-bit caches whose
+    pages hold whole 64-token blocks. Padded to 64 rows it still beats the 16- and 32-row
+    mma.sync tiles when memory-bound (docs/PERF.md, v7), as FlashMLA's 64-row tiles do."""
+    return rows >= SEESAW_MIN_ROWS and head_dim_v == 512 and kv_format == "same" and page_size % BLOCK_N == 0
+
+
 @functools.cache  # called on every decode: build (and validate) each spec once
 def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int,
-                kv_format: str = "same") -> KernelSpec:
+                kv_format: str = "same", seesaw: bool = False) -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
+    tile_rows = 64 if seesaw else tile_rows_for(rows, head_dim_v, kv_format)
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
-                      tile_rows=tile_rows_for(rows, head_dim_v, kv_format), kv_format=kv_format)
+                      tile_rows=tile_rows, kv_format=kv_format, seesaw=seesaw)
 
 
 @functools.cache
@@ -185,6 +209,8 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
                 continue
             for c, m in itertools.product(causal, tile_rows_allowed(dv, kv)):
                 out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
+                if m == 64 and seesaw_fits(m, dv, kv, BLOCK_N):
+                    out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True))
         out.append(combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 

@@ -112,6 +112,33 @@ def test_head_dims_320_256(h_q, s_q, h_kv):
     run_case(1, s_q, h_q, h_kv, [20000], causal=False, d=320, dv=256)  # split over every SM
 
 
+@pytest.mark.parametrize("s_q,h_q,page_size", [(1, 64, 64), (2, 128, 128), (1, 128, 64)])
+def test_seesaw_and_cp_async_kernels_agree(s_q, h_q, page_size, monkeypatch):
+    """64-row tiles run the seesaw (TMA) kernel on whole 64-token pages; FLASHMLA_JIT_SEESAW=0
+    forces the cp.async kernel. Both match the reference, and each other, on odd and even
+    block counts per part, NaN tails, out-of-range page ids past every seqlen."""
+    from flashmla_jit import api, settings
+    seqlens = [1, 63, 64, 65, 200, 4097, 3001, 130]
+    q, k_cache, block_table, seqlens_t = make_inputs(len(seqlens), s_q, h_q, 1, seqlens, page_size=page_size)
+    for i, n in enumerate(seqlens):  # garbage page ids past each sequence's pages
+        block_table[i, -(-n // page_size):] = torch.randint(-5, 2 ** 30, (1,)).item()
+    sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q, 1)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=True)
+    outs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHMLA_JIT_SEESAW", flag)
+        settings.get.cache_clear()
+        api._plans.clear()
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=True)
+        plan = next(iter(api._plans.values()))
+        assert plan.seesaw == (flag == "1")
+        assert_close(out, lse, ref_out, ref_lse, f"seesaw={flag} s_q={s_q} h_q={h_q} page={page_size}")
+        outs.append(out.float())
+    settings.get.cache_clear()
+    api._plans.clear()
+    assert (outs[0] - outs[1]).abs().max().item() < 2e-2
+
+
 def test_caller_owned_out_and_lse():
     batch, s_q, h_q = 5, 2, 32
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [0, 50, 4000, 129, 9000])

@@ -45,6 +45,8 @@ EXPECTED = {
     "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
     "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
     "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
+    # the seesaw: KV by TMA onto mbarriers (no per-thread KV copies), named-barrier arrives
+    "decode.seesaw": ["UTMALDG.4D", "SYNCS.ARRIVE.TRANS64", "BAR.ARV"],
     # FP8 caches: e4m3 -> f16x2 unpack, 128-bit staging reads and tile writes; bf16 tiles
     # get the exact f16 -> bf16 rebias (HMUL2.BF16), the 656 layout its split-scale FMA.
     "decode.fp8": ["F2FP.F16.E4M3.UNPACK_B", "LDS.128", "STS.128"],
@@ -63,6 +65,7 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
     expected = list(EXPECTED[s.kind])
     if s.kind == "decode":
         expected += EXPECTED["decode.m64" if s.tile_rows == 64 else "decode.mma_sync"]
+        expected += EXPECTED["decode.seesaw"] if s.seesaw else []
     if s.kind == "decode" and s.kv_format != "same":
         expected += EXPECTED["decode.fp8"] + EXPECTED.get(f"decode.{s.kv_format}.{s.dtype}", [])
         expected += EXPECTED.get(f"decode.{s.kv_format}", [])
@@ -90,12 +93,16 @@ def test_shared_memory_plan_matches_the_struct(tmp_path):
     """KernelSpec.smem_bytes (the launch's dynamic smem) equals sizeof(DecodeSmem<...>)."""
     asserts = []
     for s in spec.all_specs():
-        if s.kind == "decode":
+        if s.kind == "decode" and s.seesaw:
+            asserts.append(f"static_assert(flashmla::SeesawSmem<{s.head_dim}, {s.head_dim_v}>::kBytes == "
+                           f"{s.smem_bytes}, \"{s.name}\");")
+            assert s.smem_bytes <= 227 * 1024, s.name
+        elif s.kind == "decode":
             kv = spec.KV_FORMATS[s.kv_format]
             asserts.append(f"static_assert(sizeof(flashmla::DecodeSmem<{s.tile_rows}, {s.head_dim}, {kv}>) == "
                            f"{s.smem_bytes}, \"{s.name}\");")
             assert s.smem_bytes <= 227 * 1024, s.name
-    source = '#include "flashmla/decode.cuh"\n' + "\n".join(asserts) + "\n__global__ void probe() {}\n"
+    source = '#include "flashmla/decode_seesaw.cuh"\n' + "\n".join(asserts) + "\n__global__ void probe() {}\n"
     compiler.compile_source(source, "&probe", compiler.compile_options(None), "smem_probe")
 
 
@@ -105,3 +112,17 @@ def test_import_is_lazy():
     env = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).parent.parent))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_seesaw_params_mirror_matches_the_device_struct():
+    """SeesawParams: two 64-byte aligned tensor maps, then DecodeParams; the ctypes
+    mirror has the device struct's size (the launch copies that many bytes from it)."""
+    from flashmla_jit.params import SeesawParams
+    import ctypes
+    source = ('#include "flashmla/params.cuh"\n'
+              f"static_assert(sizeof(flashmla::SeesawParams) == {ctypes.sizeof(SeesawParams)}, \"size\");\n"
+              "__global__ void probe(flashmla::SeesawParams* s, long long* offsets) {\n"
+              "  offsets[0] = (char*)&s->k_rope - (char*)s;\n  offsets[1] = (char*)&s->p - (char*)s;\n}\n")
+    # the offsets are fixed by alignment (tensor maps first); the size is what a drift breaks
+    assert (SeesawParams.k_rope.offset, SeesawParams.p.offset) == (128, 256)
+    compiler.compile_source(source, "&probe", compiler.compile_options(None), "params_probe")

@@ -4,7 +4,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from flashmla_jit import api, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
+from flashmla_jit import api, flash_mla_with_kvcache, get_mla_metadata, settings, spec  # noqa: E402
 from flashmla_jit.tensors import describe  # noqa: E402
 
 
@@ -245,7 +245,10 @@ def test_plan_fills_every_size_and_stride():
     sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
     plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 3, 16, 1, 576, 512, None, True,
                            (2, 3, 16, 512), (2, 16, 3), ("same", None, 1.0))
-    dp, cp = plan.decode_params, plan.combine_params
+    # 48 rows per KV head: a 64-row tile on 64-token pages runs the seesaw (TMA) kernel
+    assert plan.seesaw and plan.decode_spec.seesaw
+    assert plan.kv_geometry == ((512, 1, 64, 8, 576, 576, 64 * 576), (64, 1, 64, 8, 576, 576, 64 * 576))
+    dp, cp = plan.decode_params.p, plan.combine_params
     assert (dp.q_batch_stride, dp.q_seq_stride, dp.q_head_stride) == (3 * 16 * 576, 16 * 576, 576)
     assert (dp.q_pe_batch_stride, dp.k_pe_page_stride) == (3 * 16 * 576, 64 * 576)
     assert (dp.rows, dp.max_blocks, dp.page_size, dp.num_pages) == (48, 4, 64, 8)
@@ -255,3 +258,25 @@ def test_plan_fills_every_size_and_stride():
         assert (p.batch, p.s_q, p.h_q, p.h_kv, p.heads_per_kv) == (2, 3, 16, 1, 16)
     assert cp.rows == 48 and cp.chunked == 1  # 132 parts for 2 requests: many pieces each
     assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 4, 1, 1)
+
+
+@pytest.mark.parametrize("h_q, page_size, env, seesaw", [(128, 64, None, True), (128, 128, None, True),
+                                                         (32, 64, None, True), (17, 64, None, True),
+                                                         (16, 64, None, True), (1, 64, None, True), (128, 16, None, False),
+                                                         (128, 64, "0", False)])
+def test_plan_picks_the_seesaw_kernel_for_whole_64_token_pages(h_q, page_size, env, seesaw, monkeypatch):
+    if env is not None:
+        monkeypatch.setenv("FLASHMLA_JIT_SEESAW", env)
+    settings.get.cache_clear()
+    try:
+        q = describe(torch.zeros(2, 1, h_q, 576, dtype=torch.bfloat16), "q")
+        k = describe(torch.zeros(8, page_size, 1, 576, dtype=torch.bfloat16), "k_cache")
+        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
+        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
+        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, h_q, 1, 576, 512, None, False,
+                               (2, 1, h_q, 512), (2, h_q, 1), ("same", None, 1.0))
+        assert plan.seesaw == seesaw and plan.decode_spec.seesaw == seesaw
+        assert plan.decode_spec.tile_rows == (64 if seesaw else spec.tile_rows_for(h_q))
+        assert plan.decode_grid[0] == -(-h_q // plan.decode_spec.tile_rows)
+    finally:
+        settings.get.cache_clear()

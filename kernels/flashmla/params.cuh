@@ -57,6 +57,21 @@ struct DecodeParams {
   double k_scale_value;       // ... the scale when k_scale is null (a host float)
 };
 
+// A CUtensorMap: 128 opaque bytes encoded on the host (cuTensorMapEncodeTiled), 64-byte
+// aligned in parameter space.
+struct alignas(64) TensorMap {
+  u64 words[16];
+};
+
+// The seesaw decode kernel (64-row tiles, page_size % 64 == 0) loads KV blocks with TMA:
+// two tensor maps over the cache, each a 4-D view (columns, KV heads, rows in a page,
+// pages) with 64 x 64 boxes, 128-byte swizzled, followed by the usual parameters.
+struct SeesawParams {
+  TensorMap k_latent;  // k's latent columns [0, head_dim_v)
+  TensorMap k_rope;    // k_pe's rope columns (unused when head_dim == head_dim_v)
+  DecodeParams p;
+};
+
 // The per-tensor FP8 scale (a coherent load: the scale may come from a preceding kernel).
 __device__ __forceinline__ float fp8_k_scale(const DecodeParams& p) {
   return p.k_scale != nullptr ? *p.k_scale : (float)p.k_scale_value;

@@ -25,6 +25,14 @@ __device__ __forceinline__ u32 smem_u32(const void* ptr) {
   return addr;
 }
 
+// x unchanged, but opaque to the compiler: values derived from it are computed where they
+// are used instead of being hoisted out of loops and held in (or spilled from) registers.
+// For shared-memory bases whose descriptors and addresses are loop-invariant.
+__device__ __forceinline__ u32 opaque(u32 x) {
+  asm volatile("" : "+r"(x));
+  return x;
+}
+
 // ---- cp.async (Ampere-style asynchronous global -> shared copies) ---------------------
 // src_bytes = 0 reads nothing and fills the 16 bytes with zeros: that is how rows past a
 // sequence end never bring garbage (or NaN) into shared memory.
@@ -78,6 +86,16 @@ __device__ __forceinline__ u32 cvt_pack(float lo, float hi, fp16_t) {
   return r;
 }
 
+// Packed 16-bit pair -> the pair as floats, scaled, packed again.
+__device__ __forceinline__ u32 scale_packed(u32 v, float sc, bf16_t) {
+  return cvt_pack(__uint_as_float(v << 16) * sc, __uint_as_float(v & 0xffff0000u) * sc, bf16_t{});
+}
+__device__ __forceinline__ u32 scale_packed(u32 v, float sc, fp16_t) {
+  float lo, hi;
+  asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\n" : "=f"(lo), "=f"(hi) : "r"(v));
+  return cvt_pack(lo * sc, hi * sc, fp16_t{});
+}
+
 // ---- math ----------------------------------------------------------------------------
 __device__ __forceinline__ float ex2(float x) {
   float r;
@@ -97,7 +115,43 @@ __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
-// ---- wgmma (sm_90a): warpgroup MMA with both operands in shared memory -------------
+// Signal a named barrier without waiting (producer side of a bar.sync by other warps);
+// the memory accesses before it are ordered before whatever follows the matching bar.sync.
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+// ---- mbarriers and TMA (sm_90): bulk tensor copies that complete on a barrier -------
+// A barrier counts one arrival (the thread that issues the copies) plus the bytes the
+// copies promise (expect_tx); its phase flips when both are in. Waiters spin on the
+// parity of the phase they wait for, starting at 0.
+__device__ __forceinline__ void mbarrier_init(u32 bar, u32 count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+// Makes the inits visible to the async proxy (the TMA unit) too; a CTA barrier follows.
+__device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nretry:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra retry;\n}\n" ::"r"(bar), "r"(parity) : "memory");
+}
+// One box of a 4-D tensor map (encoded on the host, passed as a __grid_constant__
+// parameter) into shared memory at dst; coordinates innermost first, in elements. Box
+// parts outside the tensor are filled with zeros and still count their bytes.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32 bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+      ::"r"(dst), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+__device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
+}
+
+// ---- wgmma (sm_90a): warpgroup MMA, B (and A for _ss) in shared memory ---------------
 // Descriptors: bits 0-13 start address >> 4, 16-29 leading-dimension byte offset >> 4,
 // 32-45 stride-dimension byte offset >> 4, 62-63 swizzle (1 = 128-byte). Our tiles are
 // 128-byte rows in 1024-byte atoms of 8 rows (the swizzle XORs the 16-byte chunk index
@@ -118,6 +172,8 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
 // mma.sync m16n8's per warp: warp w of the group holds rows 16w..16w+15.
 #define FLASHMLA_ACC8(d, i) \
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FLASHMLA_OUT8(d, i) \
+  "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]), "=f"(d[i + 6]), "=f"(d[i + 7])
 // One definition per 16-bit input type: PTX spells it "bf16" or "f16".
 #define FLASHMLA_DEFINE_WGMMA(TAG, PTX)                                                                   \
   __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b,              \
@@ -130,6 +186,61 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
         "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                \
         : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24)            \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                                     \
+  }                                                                                                       \
+  /* The first k-step of a fresh accumulator: D = A B (scale-d 0), D write-only ("=f"), */ \
+  /* so the compiler knows the old values are dead (otherwise they stay live, and      */ \
+  /* count against the register budget, until this wgmma).                            */ \
+  __device__ __forceinline__ void wgmma_m64n64k16_ss_first(float (&d)[32], u64 desc_a, u64 desc_b, TAG) {  \
+    asm volatile(                                                                                         \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        "}, %32, %33, 0, 1, 1, 0, 0;\n"                                                                   \
+        : FLASHMLA_OUT8(d, 0), FLASHMLA_OUT8(d, 8), FLASHMLA_OUT8(d, 16), FLASHMLA_OUT8(d, 24)            \
+        : "l"(desc_a), "l"(desc_b));                                                                      \
+  }                                                                                                       \
+  __device__ __forceinline__ void wgmma_m64n64k16_rs_first(float (&d)[32], u32 a0, u32 a1, u32 a2, u32 a3, \
+                                                           u64 desc_b, TAG) {                             \
+    asm volatile(                                                                                         \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        "}, {%32, %33, %34, %35}, %36, 0, 1, 1, 0;\n"                                                     \
+        : FLASHMLA_OUT8(d, 0), FLASHMLA_OUT8(d, 8), FLASHMLA_OUT8(d, 16), FLASHMLA_OUT8(d, 24)            \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b));                                              \
+  }                                                                                                       \
+  /* A from registers (RS): a0..a3 = the A fragment of one k-slice, laid out like an   */ \
+  /* m64n16 accumulator converted pairwise to 16-bit (KERNEL.md 4.4).                */ \
+  __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], u32 a0, u32 a1, u32 a2, u32 a3,      \
+                                                     u64 desc_b, int accumulate, TAG) {                               \
+    asm volatile(                                                                                         \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                      \
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                   \
+        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24)            \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate));                     \
+  }                                                                                                       \
+  __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3,    \
+                                                     u64 desc_b, TAG) {                                               \
+    asm volatile(                                                                                         \
+        "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" /* scale-d: always accumulate */                       \
+        "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX " {"                                   \
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                \
+        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                \
+        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                \
+        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                \
+        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                \
+        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "    \
+        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+        "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                                          \
+        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24),           \
+          FLASHMLA_ACC8(d, 32), FLASHMLA_ACC8(d, 40), FLASHMLA_ACC8(d, 48), FLASHMLA_ACC8(d, 56),         \
+          FLASHMLA_ACC8(d, 64), FLASHMLA_ACC8(d, 72), FLASHMLA_ACC8(d, 80), FLASHMLA_ACC8(d, 88),         \
+          FLASHMLA_ACC8(d, 96), FLASHMLA_ACC8(d, 104), FLASHMLA_ACC8(d, 112), FLASHMLA_ACC8(d, 120)       \
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b));                                      \
   }                                                                                                       \
   __device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], u64 desc_a, u64 desc_b,            \
                                                      int accumulate, TAG) {                               \
@@ -155,5 +266,6 @@ FLASHMLA_DEFINE_WGMMA(bf16_t, "bf16")
 FLASHMLA_DEFINE_WGMMA(fp16_t, "f16")
 #undef FLASHMLA_DEFINE_WGMMA
 #undef FLASHMLA_ACC8
+#undef FLASHMLA_OUT8
 
 }  // namespace flashmla

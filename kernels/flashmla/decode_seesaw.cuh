@@ -1,0 +1,553 @@
+// Split-KV MLA decode for 64-row query tiles on a "seesaw" schedule, with KV blocks
+// loaded by TMA. Same work split, parameters and results as decode.cuh's 64-row tile;
+// used when the cache pages hold whole 64-token blocks (page_size % 64 == 0), so that a
+// block is one 64-row box per 64-column sub-tile of a tensor map.
+//
+// Why a seesaw (the idea of FlashMLA's 2025-04 kernel; this code is ours): a 64 x 512
+// fp32 output tile fills half the register file, so there is one per CTA and two
+// warpgroups share it: warpgroup 0 (WG0) keeps columns 0-255 ("left"), WG1 columns
+// 256-511 ("right"), 128 registers each. Blocks come in pairs: WG0 computes S0 = Q K0^T
+// and the softmax of the even block, WG1 those of the odd block, so one warpgroup's
+// softmax runs while the other's wgmmas keep the tensor pipe busy. Each warpgroup then
+// multiplies both blocks' P into its half of O: its own P from registers, the other
+// warpgroup's through shared memory.
+//
+// ---- Online softmax over a pair (log2 domain, m = running row max, both warpgroups
+// ---- hold the same m and their own partial row sum l against it) ----
+//   WG0: m0 = max(m, rowmax S0), s0 = 2^(m - m0), P0 = 2^(S0 - m0)    -> sMax0
+//   WG1: m1 = max(m0, rowmax S1), s1 = 2^(m0 - m1), P1 = 2^(S1 - m1)  -> sMax1, sP1
+//   WG0: O_L = (O_L s0 + P0 V0_L) s1 + P1 V1_L;      P0 s1 -> sP0
+//   WG1: O_R = O_R s0 s1 + P1 V1_R + (P0 s1) V0_R
+// so both halves end the pair against m1. A pair without an odd block has s1 = 1.
+//
+// ---- Events of one pair (blk in buffer kv0, blk + 1 in kv1); S0 is done on entry ----
+//  WG0                                      WG1 (S1 done on entry)
+//  rowmax S0 -> m0, sMax0; arrive Max0      sync Max0
+//  P0; TMA kv0 rope <- blk+2; O_L *= s0     rowmax S1 -> m1, sMax1; arrive Max1
+//  c = P0 V0_L (RS); wait                   P1; TMA kv1 rope <- blk+3; P1 -> sP1; arrive P1
+//  sync Max1; TMA kv0 0-3 <- blk+2          O_R *= s0 s1; e = P1 V1_R (RS)
+//  P0 s1 -> sP0; arrive P0                  sync P0; g = sP0 V0_R (SS)
+//  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait e; TMA kv1 4-7 <- blk+3
+//  S0' on kv0 rope, 0-3                     wait g; TMA kv0 4-7 <- blk+2
+//  wait h; TMA kv1 0-3 <- blk+3             S1' on kv1 rope, 4-7, 0-3; wait
+//  S0' on kv0 4-7; wait
+// Each S waits per sub-tile on the mbarrier its TMA completes, so it starts on the
+// first sub-tile that lands, and takes them in refill order. A buffer part is refilled
+// as soon as its last reader is done: the rope sub-tiles right after their block's S;
+// kv0 0-3 after c; kv0 4-7 after g (S0 finished before WG0's arrive on Max0, which WG1
+// synced); kv1 0-3 after h (S1 finished before WG1's arrive on Max1, synced by WG0);
+// kv1 4-7 after e. Page ids are read at the top of the pair, so no TMA issue waits on
+// the block table. (Measured and dropped: an L2 prefetch of the blocks a pair ahead,
+// and an evict-first L2 hint on the loads; docs/PERF.md, v7.)
+// With two buffers, a refill has about one PV of tensor work to land before its S
+// needs it: the S waits there are what separates this kernel from the tensor peak.
+// Cheap skips on the CUDA cores, whose work sits between the wgmmas: blocks a whole
+// warp sees entirely skip the mask, and O is not rescaled when no row's max moved.
+//
+// ---- Who protects what ----
+// sMax0: written by WG0 before Max0, read by WG1 after it; the next write comes after
+//   WG0's sync on Max1, which WG1 arrives after its read. sMax1 likewise (next write after
+//   WG1's next sync on Max0, which WG0 arrives after its sync on Max1 and the read).
+// sP0: written before P0, read by g; the next write comes after WG0's next sync on Max1,
+//   which WG1 arrives after waiting for g. sP1: written before P1, read by h; the next
+//   write comes after WG1's next sync on Max0, which WG0 arrives after waiting for h.
+//   For d = 576 sP1 is sQ's rope sub-tile: the rope part of Q lives in registers (the A
+//   operand of the 4 rope k-steps), loaded before any sP1 write.
+// Named barriers pair one arrive with one sync per pair under the same conditions, and
+// no warpgroup can arrive twice on one before the other synced it (each second arrive
+// sits behind a sync on a signal the other sends after its sync).
+// Tails: rows of a request's last block past its length hold whatever the page holds
+// (NaN included). S masks them by select; P is 0 there, but 0 * NaN is NaN, so each
+// warpgroup zeroes those rows of its own V half before its first PV on the block (after
+// the block's S finished, so no wgmma reads while they are written). Blocks past the
+// block table's reach, and page ids outside [0, num_pages), load as zeros (TMA fills
+// boxes outside the tensor with zeros).
+// A request starts with __syncthreads: by then every wgmma was waited for and every TMA
+// issued was consumed by an S that waited on it, so nothing is in flight.
+#pragma once
+#include "decode.cuh"
+
+namespace flashmla {
+
+constexpr int kSeesawThreads = 256;
+
+// Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
+constexpr int kBarMax0 = 1;  // WG0 -> WG1: sMax0 of this pair written
+constexpr int kBarMax1 = 2;  // WG1 -> WG0: sMax1 written
+constexpr int kBarP0 = 3;    // WG0 -> WG1: sP0 written
+constexpr int kBarP1 = 4;    // WG1 -> WG0: sP1 written
+constexpr int kBarWg = 5;    // + warpgroup: its own zeroed V rows visible to its wgmma
+
+// Shared memory plan (bytes; every tile on a 1024-byte boundary for the 128-byte swizzle).
+// d = 576: kv 2 x 73728 + q 73728 + sP0 8192 + stats 1280 + barriers 144 = 230800 (sP1
+// aliases sQ's rope sub-tile); d = 512: 2 x 65536 + 65536 + 2 x 8192 + 1280 + 128.
+template <int kD, int kDV>
+struct SeesawSmem {
+  static constexpr bool kRope = kD > kDV;  // one 64-column rope sub-tile after the latent part
+  static constexpr int kSubTiles = kD / 64;
+  static constexpr int kKvBytes = kBlockN * kD * 2;
+  static constexpr int kKv0 = 0, kKv1 = kKvBytes;
+  static constexpr int kQ = 2 * kKvBytes;
+  static constexpr int kP0 = kQ + 64 * kD * 2;
+  static constexpr int kP1 = kRope ? kQ + (kDV / 64) * kSubTileBytes : kP0 + kSubTileBytes;
+  static constexpr int kStats = kP0 + kSubTileBytes + (kRope ? 0 : kSubTileBytes);
+  static constexpr int kMax0 = kStats;             // float[64]: m0 per row
+  static constexpr int kMax1 = kStats + 256;       // float[64]: m1 per row
+  static constexpr int kRowSum = kStats + 512;     // float[2][64]: l of each warpgroup (epilogue)
+  static constexpr int kRowLimit = kStats + 1024;  // int[64]: keys [0, limit) visible
+  static constexpr int kBars = kStats + 1280;      // u64[2][kSubTiles]: one per buffer sub-tile
+  static constexpr int kBytes = kBars + 2 * kSubTiles * 8;
+};
+
+template <typename T, int kD, int kDV, bool kCausal>
+__global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const __grid_constant__ SeesawParams sp) {
+  using L = SeesawSmem<kD, kDV>;
+  static_assert(kDV == 512, "each warpgroup's O half is one m64n256 accumulator");
+  static_assert(kD == kDV || kD == kDV + 64, "the rope part is absent or one 64-column sub-tile");
+  static_assert(L::kBytes <= 232448, "fits the 227 KB per-block shared memory");
+  constexpr bool kRope = L::kRope;
+  constexpr int kSub = L::kSubTiles;    // sub-tiles per KV block (9 or 8)
+  constexpr int kVSub = kDV / 64 / 2;   // V sub-tiles per warpgroup (4)
+  constexpr int kRopeSub = kDV / 64;    // index of the rope sub-tile (8)
+  constexpr int kChunks = kD / 8;       // 16-byte chunks per Q row
+  constexpr int kLatentChunks = kDV / 8;
+  const DecodeParams& p = sp.p;
+
+  grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const u32 sbase = smem_u32(smem);
+  const u32 kv0 = sbase + L::kKv0, kv1 = sbase + L::kKv1, sq = sbase + L::kQ;
+  const u32 sp0 = sbase + L::kP0, sp1 = sbase + L::kP1;
+  float* s_max0 = reinterpret_cast<float*>(smem + L::kMax0);
+  float* s_max1 = reinterpret_cast<float*>(smem + L::kMax1);
+  float* s_rowsum = reinterpret_cast<float*>(smem + L::kRowSum);
+  int* s_limit = reinterpret_cast<int*>(smem + L::kRowLimit);
+  auto bar = [&](int buf, int sub) { return sbase + L::kBars + (buf * kSub + sub) * 8; };
+
+  const int tid = threadIdx.x, wtid = tid % 128, warp = tid / 32, lane = tid % 32;
+  // Warpgroup index broadcast from lane 0: provably warp-uniform, so ptxas does not treat
+  // the per-warpgroup code paths (which hold all the wgmma) as divergent.
+  const int wg = __shfl_sync(0xffffffff, tid / 128, 0);
+  const int t = lane % 4;                             // accumulator fragment column pair
+  const int row0 = (warp % 4) * 16 + lane / 4;        // this thread's rows: row0 and row0 + 8
+  const int m_block = blockIdx.x, head_kv = blockIdx.y;
+  const int* rec = p.sched + blockIdx.z * kSchedRecordInts;  // (split: reloaded in the epilogue)
+  const int begin_req = rec[0], begin_blk = rec[1], end_req = rec[2], end_blk = rec[3];
+  const float scale = (float)p.scale_log2;
+  const int hpk = (int)p.heads_per_kv;
+  const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
+
+  if (tid == 0) {
+    prefetch_tensor_map(&sp.k_latent);
+    if (kRope) prefetch_tensor_map(&sp.k_rope);
+    for (int i = 0; i < 2 * kSub; ++i) mbarrier_init(bar(i / kSub, i % kSub), 1);
+    fence_mbarrier_init();
+  }
+  // Phase parity of the buffer this warpgroup's S reads (WG0: kv0, WG1: kv1); it flips
+  // once per fill, and every fill is waited for by exactly one S of that warpgroup.
+  u32 phase = 0;
+
+  for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
+    const int seqlen = p.seqlens[req];
+    const int nblk = (seqlen + kBlockN - 1) / kBlockN;
+    const int lo = req == begin_req ? begin_blk : 0;
+    const int hi = req == end_req ? end_blk : nblk;
+    if (lo >= hi) continue;
+    const int kv_len = (int)min((i64)seqlen, kv_cap);
+    const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+    const int req_rows = span.count * hpk;  // this request's query rows per KV head
+    if (m_block * 64 >= req_rows) continue;
+
+    __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
+
+    // ---- KV loads, issued by one thread of a warpgroup. A block's page id is read ahead
+    // (page_of) so the TMA issue never waits on the block table; blocks at or past
+    // kv_len, or past the part's range, get page -1, which loads zeros. ----
+    auto page_of = [&](int blk) {
+      const int tok = blk * kBlockN;
+      return blk < hi && tok < kv_len ? p.block_table[req * p.bt_batch_stride + tok / (int)p.page_size] : -1;
+    };
+    // Block `blk` (in page `page`) -> buffer `buf`, sub-tiles [sub_begin, sub_end).
+    auto load_kv = [&](int blk, int page, int buf, int sub_begin, int sub_end) {
+      const int row = blk * kBlockN % (int)p.page_size;
+      const u32 dst = sbase + (buf ? L::kKv1 : L::kKv0);
+#pragma unroll 1
+      for (int sub = sub_begin; sub < sub_end; ++sub) {
+        mbarrier_arrive_expect_tx(bar(buf, sub), kSubTileBytes);
+        if (sub < kRopeSub || !kRope)
+          tma_load_4d(dst + sub * kSubTileBytes, &sp.k_latent, bar(buf, sub), sub * 64, head_kv, row, page);
+        else
+          tma_load_4d(dst + sub * kSubTileBytes, &sp.k_rope, bar(buf, sub), 0, head_kv, row, page);
+      }
+    };
+    if (tid == 0) {
+      load_kv(lo, page_of(lo), 0, 0, kSub);
+      if (lo + 1 < hi) load_kv(lo + 1, page_of(lo + 1), 1, 0, kSub);
+    }
+
+    // ---- Q tile: 4 threads per row, rows past the request's zero-filled ----
+    {
+      constexpr int kQThreads = kSeesawThreads / 64;
+      const int qtid = opaque(tid);  // recomputed here, not held across the main loop
+      const int row = qtid / kQThreads, r = m_block * 64 + row;
+      const bool valid = r < req_rows;
+      const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
+      if (valid) {
+        const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
+        src += req * p.q_batch_stride + tok * p.q_seq_stride + hq * p.q_head_stride;
+        src_pe += req * p.q_pe_batch_stride + tok * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
+      }
+#pragma unroll 1
+      for (int i = 0; i < kChunks / kQThreads; ++i) {
+        const int c = qtid % kQThreads + kQThreads * i;
+        const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
+        cp_async_16(sq + 2 * tile_offset<64>(row, c * 8), valid ? chunk : src, valid);
+      }
+      cp_async_commit_group();
+    }
+    if (tid < 64) {  // per-row visible length (end-aligned causal mask)
+      const int s_idx = (m_block * 64 + tid) / hpk;
+      s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
+    }
+    cp_async_wait_all();
+    fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
+    __syncthreads();             // Q and row limits visible to everyone
+
+    // The rope part of Q as RS A fragments (4 k-steps x 4 registers): frees sQ's rope
+    // sub-tile for sP1. Lanes 0-15 address rows 0-15 of the warp's slice at the k-step's
+    // first 8 columns, lanes 16-31 the next 8 (the A layout of m64nNk16).
+    u32 q_rope[4][4];
+    if constexpr (kRope) {
+      const u32 a = opaque(sq + kRopeSub * kSubTileBytes + ((warp % 4) * 16 + lane % 16) * 128);
+      const u32 x = opaque(((lane / 16) ^ (lane % 8)) * 16);
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) ldmatrix_x4(q_rope[ks], a + ((32 * ks) ^ x));
+    }
+
+    // ---- wgmma batches ----
+    // S (+)= Q K^T over sub-tiles [sub_begin, sub_end) of buffer `buf`, each after its
+    // TMA landed; the rope sub-tile takes Q from registers. The first wgmma of a block
+    // starts from zero. Bases go through opaque(): otherwise the compiler hoists the
+    // loop-invariant descriptors out of the request loop and spills them.
+    auto s_gemm = [&](float (&s)[32], int buf, int sub_begin, int sub_end, bool zero_first) {
+      const u32 qb = opaque(sq), kb = opaque(buf ? kv1 : kv0);
+#pragma unroll
+      for (int sub = sub_begin; sub < sub_end; ++sub) {
+        mbarrier_wait(bar(buf, sub), phase);
+        const bool first = zero_first && sub == sub_begin;
+        if (kRope && sub == kRopeSub) {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {
+            const u64 db = smem_desc(kb + sub * kSubTileBytes + ks * 32, 0, 1024);
+            if (first && ks == 0)
+              wgmma_m64n64k16_rs_first(s, q_rope[ks][0], q_rope[ks][1], q_rope[ks][2], q_rope[ks][3], db, T{});
+            else
+              wgmma_m64n64k16_rs(s, q_rope[ks][0], q_rope[ks][1], q_rope[ks][2], q_rope[ks][3], db, 1, T{});
+          }
+        } else {
+#pragma unroll
+          for (int ks = 0; ks < 4; ++ks) {  // +32 bytes = 16 columns inside a swizzle atom
+            const u64 da = smem_desc(qb + sub * kSubTileBytes + ks * 32, 0, 1024);
+            const u64 db = smem_desc(kb + sub * kSubTileBytes + ks * 32, 0, 1024);
+            if (first && ks == 0) wgmma_m64n64k16_ss_first(s, da, db, T{});
+            else wgmma_m64n64k16_ss(s, da, db, 1, T{});
+          }
+        }
+      }
+    };
+    // O half += P[64 x 64] V[64 tokens x 256 columns]; V = this warpgroup's 4 sub-tiles
+    // of a K buffer read MN-major (LBO 8 KB between sub-tiles, +2 KB per 16 tokens).
+    auto v_half = [&](u32 kbuf) { return opaque(kbuf + wg * kVSub * kSubTileBytes); };
+    auto pv_rs = [&](float (&o)[128], const u32 (&pk)[16], u32 vbase) {
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n256k16_rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
+                            smem_desc(vbase + kk * 16 * 128, kSubTileBytes, 1024), T{});
+    };
+    auto pv_ss = [&](float (&o)[128], u32 pbase, u32 vbase) {
+      pbase = opaque(pbase);
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+        wgmma_m64n256k16_ss(o, smem_desc(pbase + kk * 32, 0, 1024),
+                            smem_desc(vbase + kk * 16 * 128, kSubTileBytes, 1024), 1, T{});
+    };
+
+    // ---- softmax pieces (this thread: rows row0, row0 + 8; 16 columns of the block) ----
+    // Mask (select, so garbage never survives) and scale S into x, and take its row max.
+    // S is only read, never written: ptxas serializes all wgmma (C7515) when ordinary
+    // code redefines an accumulator register that a wgmma may still own.
+    auto masked_max = [&](const float (&s)[32], int blk, float (&x)[32], float (&mx)[2]) {
+      const int limit[2] = {s_limit[row0], s_limit[row0 + 8]};
+      mx[0] = mx[1] = kMaxInit;
+      // Blocks every row of the warp sees whole (all but the last one or two) skip the mask.
+      if (__all_sync(0xffffffff, (blk + 1) * kBlockN <= min(limit[0], limit[1]))) {
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          x[k] = s[k] * scale;
+          mx[(k / 2) % 2] = fmaxf(mx[(k / 2) % 2], x[k]);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < 32; ++k) {
+          const int h = (k / 2) % 2, tok = blk * kBlockN + 8 * (k / 4) + 2 * t + (k % 2);
+          x[k] = tok < limit[h] ? s[k] * scale : -__int_as_float(0x7f800000);
+          mx[h] = fmaxf(mx[h], x[k]);
+        }
+      }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+      }
+    };
+    // x <- 2^(x - m) in place, added to the row sums l.
+    auto exp_rows = [&](float (&x)[32], const float (&m)[2], float (&l)[2]) {
+#pragma unroll
+      for (int k = 0; k < 32; ++k) {
+        x[k] = ex2(x[k] - m[(k / 2) % 2]);
+        l[(k / 2) % 2] += x[k];
+      }
+    };
+    // x packed as RS A fragments: pk[4 kk .. 4 kk + 3] = k-step kk (pk[i] holds row
+    // row0 + 8 (i % 2)).
+    auto pack_p = [&](const float (&x)[32], u32 (&pk)[16]) {
+#pragma unroll
+      for (int i = 0; i < 16; ++i) pk[i] = cvt_pack(x[2 * i], x[2 * i + 1], T{});
+    };
+    // P (64 x 64, 16-bit) into a swizzled K-major tile for the other warpgroup's SS
+    // wgmma; 8-column group j of row r sits at chunk j ^ (r % 8): conflict-free.
+    auto store_p = [&](const u32 (&pk)[16], u32 pbase) {
+      const u32 rb = opaque(pbase + row0 * 128 + 4 * t), gx = opaque((row0 % 8) * 16);  // (row0 + 8) % 8 too
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const u32 a = rb + ((16 * j) ^ gx);
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(pk[2 * j]) : "memory");
+        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a + 8 * 128), "r"(pk[2 * j + 1]) : "memory");
+      }
+    };
+    auto rescale = [&](float (&o)[128], const float (&sc)[2]) {
+      // Once the running max settles most blocks leave it unchanged: skip the 128
+      // multiplies (they sit right before a PV wgmma) when no row of the warp moved.
+      if (__all_sync(0xffffffff, sc[0] == 1.f && sc[1] == 1.f)) return;
+#pragma unroll
+      for (int i = 0; i < 128; ++i) o[i] *= sc[(i / 2) % 2];
+    };
+    // A request's last block may end mid-block: zero this warpgroup's V half in rows past
+    // kv_len (the page's tail may hold NaN) and publish that to its own wgmma.
+    auto zero_v_tail = [&](int blk, u32 kbuf) {
+      const int valid = kv_len - blk * kBlockN;
+      if (valid >= kBlockN) return;  // warpgroup-uniform
+      const u32 base = opaque(kbuf + wg * kVSub * kSubTileBytes);
+      for (int i = wtid; i < (kBlockN - max(valid, 0)) * kVSub * 8; i += 128) {
+        const int row = max(valid, 0) + i / (kVSub * 8), sub = (i / 8) % kVSub, chunk = i % 8;
+        asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(base + sub * kSubTileBytes + row * 128 + chunk * 16),
+                     "r"(0) : "memory");
+      }
+      fence_proxy_async_shared();
+      bar_sync(kBarWg + wg, 128);
+    };
+
+    float o[128];  // this warpgroup's O half, m64n256 accumulator layout
+#pragma unroll
+    for (int i = 0; i < 128; ++i) o[i] = 0.f;
+    float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
+    float s[32];  // S of this warpgroup's current block
+
+    if (wg == 0) {
+      // ================= warpgroup 0: even blocks, O columns 0-255 =================
+      wgmma_fence();
+      s_gemm(s, 0, 0, kSub, true);
+      wgmma_commit_group();
+      phase ^= 1;
+      wgmma_wait_group<0>();
+      for (int blk = lo; blk < hi; blk += 2) {
+        const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
+        int page2 = -1, page3 = -1;  // read now, used later in the pair
+        if (wtid == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
+        float x[32], mx[2], m0[2], s0[2], s1[2] = {1.f, 1.f};
+        masked_max(s, blk, x, mx);
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          m0[h] = fmaxf(m_run[h], mx[h]);
+          s0[h] = ex2(m_run[h] - m0[h]);
+          l_run[h] *= s0[h];
+        }
+        if (t == 0) s_max0[row0] = m0[0], s_max0[row0 + 8] = m0[1];
+        bar_arrive(kBarMax0, 256);
+        exp_rows(x, m0, l_run);
+        if (kRope && next0 && wtid == 0) load_kv(blk + 2, page2, 0, kRopeSub, kRopeSub + 1);  // only S0 read it
+        u32 pk[16];
+        pack_p(x, pk);
+        zero_v_tail(blk, kv0);
+        rescale(o, s0);
+        wgmma_fence();
+        pv_rs(o, pk, v_half(kv0));  // c
+        wgmma_commit_group();
+        wgmma_wait_group<0>();  // c done: kv0 sub-tiles 0-3 free (S0 finished before it)
+        m_run[0] = m0[0], m_run[1] = m0[1];
+        if (has1) {
+          bar_sync(kBarMax1, 256);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            m_run[h] = s_max1[row0 + 8 * h];
+            s1[h] = ex2(m0[h] - m_run[h]);
+            l_run[h] *= s1[h];
+          }
+        }
+        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, 0, kVSub);
+        if (has1) {  // P0 against m1 for WG1 (from the 16-bit P0: x is not kept alive)
+#pragma unroll
+          for (int i = 0; i < 16; ++i) pk[i] = scale_packed(pk[i], s1[i % 2], T{});
+        }
+        store_p(pk, sp0);
+        fence_proxy_async_shared();  // sP0 is read by WG1's wgmma (async proxy)
+        bar_arrive(kBarP0, 256);
+        if (has1) {
+          zero_v_tail(blk + 1, kv1);  // S1 finished before WG1's arrive on Max1
+          bar_sync(kBarP1, 256);
+          rescale(o, s1);
+          wgmma_fence();
+          pv_ss(o, sp1, v_half(kv1));  // h
+          wgmma_commit_group();
+        }
+        if (next0) {  // S of the next even block: the sub-tiles refilled first, first
+          wgmma_fence();
+          s_gemm(s, 0, kRopeSub, kSub, true);  // (empty without a rope part)
+          s_gemm(s, 0, 0, kVSub, !kRope);
+          wgmma_commit_group();
+        }
+        if (has1) {
+          if (next0) wgmma_wait_group<1>();
+          else wgmma_wait_group<0>();
+          // h done: kv1 sub-tiles 0-3 and sP1 free
+          if (next1 && wtid == 0) load_kv(blk + 3, page3, 1, 0, kVSub);
+        }
+        if (next0) {
+          s_gemm(s, 0, kVSub, 2 * kVSub, false);
+          wgmma_commit_group();
+          phase ^= 1;
+        }
+        wgmma_wait_group<0>();  // outside the branches: ptxas must see no wgmma in flight here
+      }
+    } else {
+      // ================= warpgroup 1: odd blocks, O columns 256-511 =================
+      // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).
+      auto s1_gemm = [&]() {
+        wgmma_fence();
+        s_gemm(s, 1, kRopeSub, kSub, true);
+        s_gemm(s, 1, kVSub, 2 * kVSub, !kRope);
+        s_gemm(s, 1, 0, kVSub, false);
+        wgmma_commit_group();
+        phase ^= 1;
+      };
+      if (lo + 1 < hi) s1_gemm();
+      wgmma_wait_group<0>();
+      for (int blk = lo; blk < hi; blk += 2) {
+        const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
+        int page2 = -1, page3 = -1;  // read now, used later in the pair
+        if (wtid == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
+        bar_sync(kBarMax0, 256);
+        float m0[2], s0[2];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          m0[h] = s_max0[row0 + 8 * h];
+          s0[h] = ex2(m_run[h] - m0[h]);
+          l_run[h] *= s0[h];
+          m_run[h] = m0[h];
+        }
+        if (has1) {
+          float x[32], mx[2], s1[2];
+          masked_max(s, blk + 1, x, mx);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            m_run[h] = fmaxf(m0[h], mx[h]);
+            s1[h] = ex2(m0[h] - m_run[h]);
+            l_run[h] *= s1[h];
+            s0[h] *= s1[h];  // O_R goes from m straight to m1
+          }
+          if (t == 0) s_max1[row0] = m_run[0], s_max1[row0 + 8] = m_run[1];
+          bar_arrive(kBarMax1, 256);
+          exp_rows(x, m_run, l_run);
+          if (kRope && next1 && wtid == 0) load_kv(blk + 3, page3, 1, kRopeSub, kRopeSub + 1);  // only S1 read it
+          u32 pk[16];
+          pack_p(x, pk);
+          store_p(pk, sp1);
+          fence_proxy_async_shared();  // sP1 is read by WG0's wgmma
+          bar_arrive(kBarP1, 256);
+          zero_v_tail(blk + 1, kv1);
+          rescale(o, s0);
+          wgmma_fence();
+          pv_rs(o, pk, v_half(kv1));  // e
+          wgmma_commit_group();
+        } else {
+          rescale(o, s0);
+        }
+        zero_v_tail(blk, kv0);  // S0 finished before WG0's arrive on Max0
+        bar_sync(kBarP0, 256);
+        wgmma_fence();
+        pv_ss(o, sp0, v_half(kv0));  // g
+        wgmma_commit_group();
+        if (has1) {
+          wgmma_wait_group<1>();  // e done: kv1 sub-tiles 4-8 free
+          if (next1 && wtid == 0) load_kv(blk + 3, page3, 1, kVSub, 2 * kVSub);
+        }
+        wgmma_wait_group<0>();  // g done: kv0 sub-tiles 4-8 and sP0 free
+        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, kVSub, 2 * kVSub);
+        if (next1) s1_gemm();
+        wgmma_wait_group<0>();
+      }
+    }
+
+    // ---- epilogue: l = l0 + l1 (each summed over its quad), both halves against m ----
+    {  // per-thread values recomputed here (opaque), not held across the main loop
+      const int etid = opaque(tid), row0 = ((etid / 32) % 4) * 16 + (etid % 32) / 4, t = etid % 4;
+      const int m_block = opaque(blockIdx.x), head_kv = opaque(blockIdx.y);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        l_run[h] += __shfl_xor_sync(0xffffffff, l_run[h], 1);
+        l_run[h] += __shfl_xor_sync(0xffffffff, l_run[h], 2);
+        if (t == 0) s_rowsum[wg * 64 + row0 + 8 * h] = l_run[h];
+      }
+      __syncthreads();
+      float inv[2];
+      bool empty[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float l = s_rowsum[row0 + 8 * h] + s_rowsum[64 + row0 + 8 * h];
+        empty[h] = !(l > 0.f);  // no visible key (or NaN): output 0
+        inv[h] = empty[h] ? 0.f : __fdividef(1.f, l);
+        l_run[h] = l;
+      }
+      // Request facts needed only here are (re)loaded here: registers are the limit.
+      const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
+      const int split = req == begin_req ? p.sched[blockIdx.z * kSchedRecordInts + 4] : p.num_splits[req];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int r = m_block * 64 + row0 + 8 * h;
+        const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+        if (r >= span.count * hpk) continue;
+        const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
+        if (n_pieces == 1) {  // the whole request is in this part: write the final result
+          u16* dst = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride +
+                     wg * 256 + 2 * t;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *(u32*)(dst + 8 * j) = cvt_pack(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h], T{});
+          if (wg == 0 && t == 0)
+            p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] =
+                empty[h] ? __int_as_float(0x7f800000) : (__log2f(l_run[h]) + m_run[h]) * kLn2;
+        } else {  // one piece of a split request: fp32 partial, lse in the log2 domain
+          const i64 prow = ((i64)split * p.h_kv + head_kv) * p.rows + r;
+          float* dst = p.o_accum + prow * kDV + wg * 256 + 2 * t;
+#pragma unroll
+          for (int j = 0; j < 32; ++j)
+            *(float2*)(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+          if (wg == 0 && t == 0)
+            p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace flashmla
