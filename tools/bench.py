@@ -31,6 +31,7 @@ from mla_reference import capture_graph, make_inputs  # noqa: E402
 
 from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 from flashmla_jit import fp8  # noqa: E402
+from flashmla_jit.spec import seesaw_fits  # noqa: E402
 
 # Cache bytes per token: q's 16-bit dtype (d = 576), per-tensor e4m3, FlashMLA's layout.
 KV_TOKEN_BYTES = {"same": 576 * 2, "fp8_e4m3": 576, "fp8_656": fp8.TOKEN_BYTES}
@@ -116,6 +117,8 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "kv": kv_format,
            "us": t_ms * 1e3,
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
+    if seesaw_fits(s_q * h_q, 512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
+        row["cp_async_us"] = _with_seesaw_off(lambda: bench_ms(capture_graph(call)[0] if graph else call)) * 1e3
     if PEER is not None and page_size == 64 and kv_format == "same":  # FlashMLA: bf16, 64-token pages
         p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
         peer_call = lambda: PEER.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, p_sched, p_splits,
@@ -133,6 +136,19 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     del q, k_cache
     torch.cuda.empty_cache()
     return row
+
+
+def _with_seesaw_off(fn):
+    from flashmla_jit import api, settings
+    os.environ["FLASHMLA_JIT_SEESAW"] = "0"
+    settings.get.cache_clear()
+    api._plans.clear()
+    try:
+        return fn()
+    finally:
+        del os.environ["FLASHMLA_JIT_SEESAW"]
+        settings.get.cache_clear()
+        api._plans.clear()
 
 
 def jit_timings():
@@ -241,7 +257,7 @@ def main():
               f"{r['page']:>4} {r['kv']:>8} {r['us']:>8.1f} "
               f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
               f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x "
-              f"{peer:>11.1f} {peer / r['us']:>10.2f}x{mismatch}")
+              f"{peer:>11.1f} {peer / r['us']:>10.2f}x {r.get('cp_async_us', float('nan')):>11.1f}{mismatch}")
     if rows:
         print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
     if jit:
