@@ -117,6 +117,7 @@ def compile_options(spec) -> tuple[str, ...]:
     ]
     if settings.get().ptxas_verbose:
         opts.append("--ptxas-options=-v")
+    opts += [f"-D{define}" for define in settings.get().defines]
     return tuple(opts)
 
 
