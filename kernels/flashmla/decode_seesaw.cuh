@@ -273,9 +273,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     };
 
     // ---- softmax pieces (this thread: rows row0, row0 + 8; 16 columns of the block) ----
-    // Mask (select, so garbage never survives) and scale S into x, and take its row max.
-    // S is only read, never written: ptxas serializes all wgmma (C7515) when ordinary
-    // code redefines an accumulator register that a wgmma may still own.
+    // Mask S into x (select, so garbage never survives) and take its row max, scaled
+    // into the log2 domain (scale > 0 commutes with max; the exp applies it per element
+    // in one FMA). S is only read, never written: ptxas serializes all wgmma (C7515)
+    // when ordinary code redefines an accumulator register that a wgmma may still own.
     auto masked_max = [&](const float (&s)[32], int blk, float (&x)[32], float (&mx)[2]) {
       const int limit[2] = {s_limit[row0], s_limit[row0 + 8]};
       mx[0] = mx[1] = kMaxInit;
@@ -283,14 +284,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       if (__all_sync(0xffffffff, (blk + 1) * kBlockN <= min(limit[0], limit[1]))) {
 #pragma unroll
         for (int k = 0; k < 32; ++k) {
-          x[k] = s[k] * scale;
+          x[k] = s[k];
           mx[(k / 2) % 2] = fmaxf(mx[(k / 2) % 2], x[k]);
         }
       } else {
 #pragma unroll
         for (int k = 0; k < 32; ++k) {
           const int h = (k / 2) % 2, tok = blk * kBlockN + 8 * (k / 4) + 2 * t + (k % 2);
-          x[k] = tok < limit[h] ? s[k] * scale : -__int_as_float(0x7f800000);
+          x[k] = tok < limit[h] ? s[k] : -__int_as_float(0x7f800000);
           mx[h] = fmaxf(mx[h], x[k]);
         }
       }
@@ -298,13 +299,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 2));
+        mx[h] *= scale;
       }
     };
-    // x <- 2^(x - m) in place, added to the row sums l.
+    // x <- 2^(x scale - m) in place, added to the row sums l.
     auto exp_rows = [&](float (&x)[32], const float (&m)[2], float (&l)[2]) {
 #pragma unroll
       for (int k = 0; k < 32; ++k) {
-        x[k] = ex2(x[k] - m[(k / 2) % 2]);
+        x[k] = ex2(fmaf(x[k], scale, -m[(k / 2) % 2]));
         l[(k / 2) % 2] += x[k];
       }
     };
@@ -395,7 +397,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           }
         }
         if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, 0, kVSub);
-        if (has1) {  // P0 against m1 for WG1 (from the 16-bit P0: x is not kept alive)
+        // P0 against m1 for WG1 (from the 16-bit P0: x is not kept alive), unless no row
+        // of the warp moved
+        if (has1 && !__all_sync(0xffffffff, s1[0] == 1.f && s1[1] == 1.f)) {
 #pragma unroll
           for (int i = 0; i < 16; ++i) pk[i] = scale_packed(pk[i], s1[i % 2], T{});
         }
