@@ -35,7 +35,7 @@ __global__ void __launch_bounds__(1024, 2) fake_kernel(float* x) {
 """
 
 ENV_VARS = ("FLASHMLA_JIT_CACHE_DIR", "FLASHMLA_JIT_DISABLE_CACHE", "FLASHMLA_JIT_NO_JIT",
-            "FLASHMLA_JIT_VALIDATE", "FLASHMLA_JIT_PTXAS_VERBOSE")
+            "FLASHMLA_JIT_VALIDATE", "FLASHMLA_JIT_PTXAS_VERBOSE", "FLASHMLA_JIT_DEFINES", "FLASHMLA_JIT_SEESAW")
 
 
 @dataclasses.dataclass(frozen=True)

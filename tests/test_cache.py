@@ -65,7 +65,11 @@ def test_key_changes_with_everything_that_builds_the_binary(cache_root, monkeypa
             assert cache.cache_key(spec) != base, attr
     assert cache.cache_key(spec) == base
     reload(monkeypatch, ptxas_verbose=1)                                 # codegen env var
-    assert cache.cache_key(spec) != base
+    verbose = cache.cache_key(spec)
+    assert verbose != base
+    reload(monkeypatch, ptxas_verbose=None, defines="FLASHMLA_X=1 FLASHMLA_Y")  # kernel experiment defines
+    assert cache.cache_key(spec) not in (base, verbose)
+    assert compiler.compile_options(spec)[-2:] == ("-DFLASHMLA_X=1", "-DFLASHMLA_Y")
 
 
 def test_package_version_falls_back_to_version_file(monkeypatch):
