@@ -126,3 +126,17 @@ def test_seesaw_params_mirror_matches_the_device_struct():
     # the offsets are fixed by alignment (tensor maps first); the size is what a drift breaks
     assert (SeesawParams.k_rope.offset, SeesawParams.p.offset) == (128, 256)
     compiler.compile_source(source, "&probe", compiler.compile_options(None), "params_probe")
+
+
+def test_seesaw_trace_build_compiles_without_spills(monkeypatch):
+    """tools/seesaw_trace.py's build (FLASHMLA_SEESAW_TRACE=1) stays usable: the clock marks
+    sit where registers are tight, and the compiler refuses spills."""
+    from flashmla_jit import settings
+    monkeypatch.setenv("FLASHMLA_JIT_DEFINES", "FLASHMLA_SEESAW_TRACE=1")
+    monkeypatch.setenv("FLASHMLA_JIT_DISABLE_CACHE", "1")
+    settings.get.cache_clear()
+    try:
+        for causal in (False, True):
+            compiler.compile_spec(spec.KernelSpec("decode", "bf16", 576, 512, causal=causal, tile_rows=64, seesaw=True))
+    finally:
+        settings.get.cache_clear()

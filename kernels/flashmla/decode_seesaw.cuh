@@ -71,6 +71,20 @@ namespace flashmla {
 
 constexpr int kSeesawThreads = 256;
 
+// FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_TRACE=1" (tools/seesaw_trace.py): in CTA
+// (0, 0, 0), thread 0 of warpgroup 0 sums the SM clock at each event of a pair minus the
+// pair's start, in the row-sum slots (unused until the epilogue: no extra registers), and
+// adds the sums per request to the int64 buffer passed as k_scale (unused by 16-bit
+// caches): [event], event 15 = pairs. Off: the marks compile away. (WG1's marks came
+// back overwritten by row sums, for a reason not found yet; they were taken out.)
+#ifndef FLASHMLA_SEESAW_TRACE
+#define FLASHMLA_SEESAW_TRACE 0
+#endif
+#ifndef FLASHMLA_SEESAW_TRACE_MASK
+#define FLASHMLA_SEESAW_TRACE_MASK 0xffd  // event 1 left out: marking it too makes ptxas spill
+#endif
+constexpr int kTraceEvents = 16;
+
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
 constexpr int kBarMax0 = 1;  // WG0 -> WG1: sMax0 of this pair written
 constexpr int kBarMax1 = 2;  // WG1 -> WG0: sMax1 written
@@ -349,6 +363,28 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       bar_sync(kBarWg + wg, 128);
     };
 
+    // (32-bit clock and sums: a request's sums stay far below 2^32 cycles)
+    // (in warp 0's epilogue row-sum slots: it writes them only after its flush)
+    u32* trace_slots = reinterpret_cast<u32*>(smem + L::kRowSum);
+    auto traced = [&]() {
+      return FLASHMLA_SEESAW_TRACE && tid == 0 && (blockIdx.x | blockIdx.y | blockIdx.z) == 0;
+    };
+    auto mark = [&](int event) {
+      if (!traced() || !((FLASHMLA_SEESAW_TRACE_MASK >> event) & 1)) return;
+      u32 now;
+      asm volatile("mov.u32 %0, %%clock;\n" : "=r"(now));
+      if (event == 0) trace_slots[0] = now, trace_slots[kTraceEvents - 1] += 1;
+      else trace_slots[event] += now - trace_slots[0];
+    };
+    auto trace_begin = [&]() {
+      if (traced())
+        for (int e = 0; e < kTraceEvents; ++e) trace_slots[e] = 0;
+    };
+    auto trace_end = [&]() {
+      if (traced())
+        for (int e = 1; e < kTraceEvents; ++e) ((long long*)p.k_scale)[e] += trace_slots[e];
+    };
+
     float o[128];  // this warpgroup's O half, m64n256 accumulator layout
 #pragma unroll
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
@@ -362,11 +398,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       wgmma_commit_group();
       phase ^= 1;
       wgmma_wait_group<0>();
+      trace_begin();
       for (int blk = lo; blk < hi; blk += 2) {
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
         if (wtid == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
         float x[32], mx[2], m0[2], s0[2], s1[2] = {1.f, 1.f};
+        mark(0);
         masked_max(s, blk, x, mx);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -376,6 +414,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         }
         if (t == 0) s_max0[row0] = m0[0], s_max0[row0 + 8] = m0[1];
         bar_arrive(kBarMax0, 256);
+        mark(1);
         exp_rows(x, m0, l_run);
         if (kRope && next0 && wtid == 0) load_kv(blk + 2, page2, 0, kRopeSub, kRopeSub + 1);  // only S0 read it
         u32 pk[16];
@@ -385,7 +424,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         wgmma_fence();
         pv_rs(o, pk, v_half(kv0));  // c
         wgmma_commit_group();
+        mark(2);
         wgmma_wait_group<0>();  // c done: kv0 sub-tiles 0-3 free (S0 finished before it)
+        mark(3);
+        // Refill first: the wait on WG1's max below can take a PV's time, and the next S
+        // waits on this load.
+        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, 0, kVSub);
         m_run[0] = m0[0], m_run[1] = m0[1];
         if (has1) {
           bar_sync(kBarMax1, 256);
@@ -396,7 +440,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
             l_run[h] *= s1[h];
           }
         }
-        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, 0, kVSub);
+        mark(4);
         // P0 against m1 for WG1 (from the 16-bit P0: x is not kept alive), unless no row
         // of the warp moved
         if (has1 && !__all_sync(0xffffffff, s1[0] == 1.f && s1[1] == 1.f)) {
@@ -406,33 +450,41 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         store_p(pk, sp0);
         fence_proxy_async_shared();  // sP0 is read by WG1's wgmma (async proxy)
         bar_arrive(kBarP0, 256);
+        mark(5);
         if (has1) {
           zero_v_tail(blk + 1, kv1);  // S1 finished before WG1's arrive on Max1
           bar_sync(kBarP1, 256);
+          mark(6);
           rescale(o, s1);
           wgmma_fence();
           pv_ss(o, sp1, v_half(kv1));  // h
           wgmma_commit_group();
+          mark(7);
         }
         if (next0) {  // S of the next even block: the sub-tiles refilled first, first
           wgmma_fence();
           s_gemm(s, 0, kRopeSub, kSub, true);  // (empty without a rope part)
           s_gemm(s, 0, 0, kVSub, !kRope);
           wgmma_commit_group();
+          mark(8);
         }
         if (has1) {
           if (next0) wgmma_wait_group<1>();
           else wgmma_wait_group<0>();
           // h done: kv1 sub-tiles 0-3 and sP1 free
+          mark(9);
           if (next1 && wtid == 0) load_kv(blk + 3, page3, 1, 0, kVSub);
         }
         if (next0) {
           s_gemm(s, 0, kVSub, 2 * kVSub, false);
           wgmma_commit_group();
           phase ^= 1;
+          mark(10);
         }
         wgmma_wait_group<0>();  // outside the branches: ptxas must see no wgmma in flight here
+        mark(11);
       }
+      trace_end();
     } else {
       // ================= warpgroup 1: odd blocks, O columns 256-511 =================
       // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).

@@ -1,0 +1,44 @@
+"""Where a seesaw pair's cycles go: mean SM-clock offsets of warpgroup 0's events from
+the pair's start, in CTA (0, 0, 0) (kernels/flashmla/decode_seesaw.cuh, TRACE). Only launch a trace
+build with a buffer in k_scale, as here: through the API it would write to address 0.
+
+  python tools/seesaw_trace.py [H_Q S_Q S_K]      # default 128 2 16384, b = 128
+"""
+import os
+import sys
+
+os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_TRACE=1"  # before flashmla_jit reads its settings
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+from mla_reference import make_inputs  # noqa: E402
+
+from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
+
+EVENTS = ["top: S0 done", "-", "c issued", "c done", "sync Max1", "arrive P0", "sync P1", "h issued",
+          "S0' rope,0-3 issued", "h done", "S0' 4-7 issued", "S0' done (end)"]  # mark() ids; 1 unrecorded
+
+h_q, s_q, s_k = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (128, 2, 16384)
+q, k, bt, sl = make_inputs(128, s_q, h_q, 1, [s_k] * 128, nan_tail=False)
+sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+# The plan of this call, made without a launch through the API (which passes no buffer).
+arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
+described = [api._describe_arg(x, name) if x is not None else None for x, name in zip(arrays, api._ARG_NAMES)]
+plan = api._plan(described, 512, None, True, None, None)
+assert plan.seesaw
+trace = torch.zeros(16, dtype=torch.int64, device="cuda")
+ptrs = [x.data_ptr() if x is not None else 0 for x in (q, k, bt, sl, sched, splits)] + [0] * 6
+for _ in range(3):  # the last run is read: caches and clocks warm
+    trace.zero_()
+    _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
+    launches[0][2].p.k_scale = trace.data_ptr()
+    driver.launch_all(plan.device, launches)
+    torch.cuda.synchronize()
+t = trace.cpu()
+print(f"{torch.cuda.get_device_name()}: b=128 h_q={h_q} s_q={s_q} s_k={s_k}, CTA (0, 0, 0), mean SM cycles from each pair's start")
+pairs = int(t[15])
+print(f"warpgroup 0 ({pairs} pairs)")
+for e, name in enumerate(EVENTS):
+    if e and name != "-":
+        print(f"  {name:24s} {t[e].item() / max(pairs, 1):8.0f}")
