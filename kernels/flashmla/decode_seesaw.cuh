@@ -25,7 +25,7 @@
 //  rowmax S0 -> m0, sMax0; arrive Max0      sync Max0
 //  P0; TMA kv0 rope <- blk+2; O_L *= s0     rowmax S1 -> m1, sMax1; arrive Max1
 //  c = P0 V0_L (RS); wait                   P1; TMA kv1 rope <- blk+3; P1 -> sP1; arrive P1
-//  sync Max1; TMA kv0 0-3 <- blk+2          O_R *= s0 s1; e = P1 V1_R (RS)
+//  TMA kv0 0-3 <- blk+2; sync Max1          O_R *= s0 s1; e = P1 V1_R (RS)
 //  P0 s1 -> sP0; arrive P0                  sync P0; g = sP0 V0_R (SS)
 //  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait e; TMA kv1 4-7 <- blk+3
 //  S0' on kv0 rope, 0-3                     wait g; TMA kv0 4-7 <- blk+2
