@@ -380,7 +380,7 @@ class _DecodePlan:
         # Caches of whole 64-token pages run the seesaw kernel (64-row tiles), which loads
         # KV blocks with TMA through tensor maps (every stride a 16-byte multiple).
         rope_t = kpt or kt
-        self.seesaw = (settings.get().seesaw and num_pages > 0 and seesaw_fits(rows, head_dim_v, kv_format, page_size)
+        self.seesaw = (settings.get().seesaw and num_pages > 0 and seesaw_fits(head_dim_v, kv_format, page_size)
                        and all(s % 8 == 0 for s in (*kt.strides[:3], *rope_t.strides[:3])))
         # (cols, heads, page_size, num_pages, head / row / page strides) of each tensor map
         self.kv_geometry = ((head_dim_v, h_kv, page_size, num_pages, kt.strides[2], kt.strides[1], kt.strides[0]),

@@ -68,8 +68,8 @@ def select_specs(args) -> list:
                     rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
                     out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv) for r in rows]
                     # FlashMLA's 64-token pages (and multiples) run the seesaw kernel
-                    out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv, True) for r in rows
-                            if specs.seesaw_fits(r, dv, kv, specs.BLOCK_N)]
+                    if specs.seesaw_fits(dv, kv, specs.BLOCK_N):
+                        out.append(specs.decode_spec(dtype, d, dv, c, s_q, rows[0], kv, True))
             out.append(specs.combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))
 

@@ -28,13 +28,15 @@ class Settings:
     validate: bool            # FLASHMLA_JIT_VALIDATE=1: input checks that synchronize the host
     ptxas_verbose: bool       # FLASHMLA_JIT_PTXAS_VERBOSE=1: ptxas -v, log kept in meta.json
     defines: tuple            # FLASHMLA_JIT_DEFINES="A=1 B": -D options for kernel experiments
-    seesaw: bool              # FLASHMLA_JIT_SEESAW=0: 64-row tiles on the cp.async kernel, not
-                              # the seesaw (TMA) one; for comparisons
+    seesaw: bool              # FLASHMLA_JIT_SEESAW=0: never the seesaw (TMA) kernel; 64-token
+                              # pages run the cp.async kernels too (for comparisons)
     codegen_env: tuple        # ((name, value), ...) of CODEGEN_VARS, for the cache key
 
 
-def _flag(name: str) -> bool:
+def _flag(name: str, default: bool = False) -> bool:
     raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
     if raw in _TRUE:
         return True
     if raw in _FALSE:
@@ -60,6 +62,6 @@ def get() -> Settings:
         validate=_flag("FLASHMLA_JIT_VALIDATE"),
         ptxas_verbose=_flag("FLASHMLA_JIT_PTXAS_VERBOSE"),
         defines=tuple(os.environ.get("FLASHMLA_JIT_DEFINES", "").split()),
-        seesaw=_flag("FLASHMLA_JIT_SEESAW") if os.environ.get("FLASHMLA_JIT_SEESAW", "").strip() else True,
+        seesaw=_flag("FLASHMLA_JIT_SEESAW", default=True),
         codegen_env=tuple((name, os.environ.get(name, "")) for name in CODEGEN_VARS),
     )

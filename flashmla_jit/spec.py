@@ -167,14 +167,12 @@ def tile_rows_for(rows: int, head_dim_v: int = 512, kv_format: str = "same") -> 
     return next((m for m in allowed if rows <= m), allowed[-1])
 
 
-SEESAW_MIN_ROWS = 1  # fewest query rows per KV head that take the seesaw kernel
-
-
-def seesaw_fits(rows: int, head_dim_v: int, kv_format: str, page_size: int) -> bool:
+def seesaw_fits(head_dim_v: int, kv_format: str, page_size: int) -> bool:
     """The seesaw kernel (64-row tiles, TMA loads) runs dv = 512 on 16-bit caches whose
-    pages hold whole 64-token blocks. Padded to 64 rows it still beats the 16- and 32-row
-    mma.sync tiles when memory-bound (docs/PERF.md, v7), as FlashMLA's 64-row tiles do."""
-    return rows >= SEESAW_MIN_ROWS and head_dim_v == 512 and kv_format == "same" and page_size % BLOCK_N == 0
+    pages hold whole 64-token blocks, at every row count: padded to 64 rows it still beats
+    the 16- and 32-row mma.sync tiles when memory-bound (docs/PERF.md, v7), as FlashMLA's
+    64-row tiles do."""
+    return head_dim_v == 512 and kv_format == "same" and page_size % BLOCK_N == 0
 
 
 @functools.cache  # called on every decode: build (and validate) each spec once
@@ -209,7 +207,7 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
                 continue
             for c, m in itertools.product(causal, tile_rows_allowed(dv, kv)):
                 out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
-                if m == 64 and seesaw_fits(m, dv, kv, BLOCK_N):
+                if m == 64 and seesaw_fits(dv, kv, BLOCK_N):
                     out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True))
         out.append(combine_spec(dtype, d, dv))
     return list(dict.fromkeys(out))

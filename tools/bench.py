@@ -117,7 +117,7 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "kv": kv_format,
            "us": t_ms * 1e3,
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
-    if seesaw_fits(s_q * h_q, 512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
+    if seesaw_fits(512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
         row["cp_async_us"] = _with_seesaw_off(lambda: bench_ms(capture_graph(call)[0] if graph else call)) * 1e3
     if PEER is not None and page_size == 64 and kv_format == "same":  # FlashMLA: bf16, 64-token pages
         p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
