@@ -49,7 +49,10 @@
 //   WG0's sync on Max1, which WG1 arrives after its read. sMax1 likewise (next write after
 //   WG1's next sync on Max0, which WG0 arrives after its sync on Max1 and the read).
 // sP0: written before P0, read by g; the next write comes after WG0's next sync on Max1,
-//   which WG1 arrives after waiting for g. sP1: written before P1, read by h; the next
+//   which WG1 arrives after waiting for g. A last pair without an odd block has no Max1:
+//   there the next write comes after S0' of the pair before, which waited on the kv0 4-7
+//   refill that WG1 issues only after waiting for g (moving that refill breaks this; the
+//   same chain keeps WG0 from arriving on P0 twice). sP1: written before P1, read by h; the next
 //   write comes after WG1's next sync on Max0, which WG0 arrives after waiting for h.
 //   For d = 576 sP1 is sQ's rope sub-tile: the rope part of Q lives in registers (the A
 //   operand of the 4 rope k-steps), loaded before any sP1 write.
@@ -76,7 +79,8 @@ constexpr int kSeesawThreads = 256;
 // pair's start, in the row-sum slots (unused until the epilogue: no extra registers), and
 // adds the sums per request to the int64 buffer passed as k_scale (unused by 16-bit
 // caches): [event], event 15 = pairs. Off: the marks compile away. (WG1's marks came
-// back overwritten by row sums, for a reason not found yet; they were taken out.)
+// back overwritten by row sums: first in slots WG0's epilogue writes, then, in WG1's own
+// rows behind a WG1 barrier, for a reason not found; they were taken out.)
 #ifndef FLASHMLA_SEESAW_TRACE
 #define FLASHMLA_SEESAW_TRACE 0
 #endif
