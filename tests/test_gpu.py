@@ -114,7 +114,7 @@ def test_head_dims_320_256(h_q, s_q, h_kv):
 
 @pytest.mark.parametrize("s_q,h_q,page_size", [(1, 64, 64), (2, 128, 128), (1, 128, 64)])
 def test_seesaw_and_cp_async_kernels_agree(s_q, h_q, page_size, monkeypatch):
-    """64-row tiles run the seesaw (TMA) kernel on whole 64-token pages; FLASHMLA_JIT_SEESAW=0
+    """Caches of whole 64-token pages run the seesaw (TMA) kernel; FLASHMLA_JIT_SEESAW=0
     forces the cp.async kernel. Both match the reference, and each other, on odd and even
     block counts per part, NaN tails, out-of-range page ids past every seqlen."""
     from flashmla_jit import api, settings

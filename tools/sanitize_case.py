@@ -1,8 +1,9 @@
 """Small decode steps for compute-sanitizer (memcheck, racecheck): tools/gpu_check.sh runs it.
 
 Covers a whole-request part, split requests (combine), an empty sequence, causal rows
-that see nothing, NaN page tails and a multi-tile query (rows > 64), 64-row tiles on both kernels; and both FP8 cache
-formats (staging buffers, the in-smem dequantization).
+that see nothing, NaN page tails and a multi-tile query (rows > 64), the seesaw kernel
+(64-token pages) and the cp.async one (page 16); and both FP8 cache formats (staging
+buffers, the in-smem dequantization).
 """
 import os
 import sys
@@ -16,7 +17,7 @@ from mla_reference import assert_close, make_fp8_inputs, make_inputs, reference 
 from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 for batch, s_q, h_q, lens, page in [(3, 2, 16, [130, 0, 1], 64), (1, 2, 48, [2000], 64), (2, 1, 128, [70, 900], 64),
-                                    (2, 1, 128, [70, 900], 16)]:  # 64-row tiles: seesaw (TMA), then cp.async
+                                    (2, 1, 128, [70, 900], 16)]:  # pages of 64: seesaw (TMA); of 16: cp.async
     q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, lens, page_size=page)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
