@@ -53,6 +53,31 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
 }
 constexpr int kSubTileBytes = kBlockN * 128;  // one 64-column sub-tile of a KV block
 
+// One request's query tile (kRows rows of the KV head, rows past req_rows zero-filled)
+// into the swizzled tile at sq: kThreads / kRows threads per row, one cp.async per
+// 16-byte chunk, latent columns from q and rope columns from q_pe. Not committed: the
+// caller puts it in a commit group. Both decode kernels load Q this way.
+template <int kRows, int kThreads, int kD, int kDV>
+__device__ __forceinline__ void load_q_tile(const DecodeParams& p, u32 sq, int tid, int req, QuerySpan span,
+                                            int req_rows, int hpk, int m_block, int head_kv) {
+  constexpr int kQThreads = kThreads / kRows, kChunks = kD / 8, kLatentChunks = kDV / 8;
+  const int row = tid / kQThreads, r = m_block * kRows + row;
+  const bool valid = r < req_rows;
+  const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
+  if (valid) {
+    const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
+    src += req * p.q_batch_stride + tok * p.q_seq_stride + hq * p.q_head_stride;
+    src_pe += req * p.q_pe_batch_stride + tok * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
+  }
+#pragma unroll 1  // once per request: not worth registers held across the main loop
+  for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
+    const int c = tid % kQThreads + kQThreads * i;
+    const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
+    if (kChunks % kQThreads == 0 || c < kChunks)
+      cp_async_16(sq + 2 * tile_offset<kRows>(row, c * 8), valid ? chunk : src, valid);
+  }
+}
+
 template <typename T, int kD, int kDV, int kTileRows, bool kCausal, int kKv = kKvSame>
 __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_constant__ DecodeParams p) {
   static_assert(kD % 64 == 0 && kDV % 64 == 0 && kDV <= kD, "head dims: d % 64 == 0, dv % 64 == 0, dv <= d");
@@ -134,24 +159,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
     __syncthreads();  // the previous request is done with every shared buffer
 
-    // ---- Q tile: kQThreads threads per row, rows past the request's zero-filled ----
-    {
-      constexpr int kQThreads = kDecodeThreads / kTileRows;
-      const int row = tid / kQThreads, r = m_block * kTileRows + row;
-      const bool valid = r < req_rows;
-      const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
-      if (valid) {
-        const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
-        src += req * p.q_batch_stride + tok * p.q_seq_stride + hq * p.q_head_stride;
-        src_pe += req * p.q_pe_batch_stride + tok * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
-      }
-#pragma unroll 1  // once per request: not worth registers held across the main loop
-      for (int i = 0; i < (kChunks + kQThreads - 1) / kQThreads; ++i) {
-        const int c = tid % kQThreads + kQThreads * i;
-        const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
-        if (c < kChunks) cp_async_16(sq + 2 * tile_offset<kTileRows>(row, c * 8), valid ? chunk : src, valid);
-      }
-    }
+    load_q_tile<kTileRows, kDecodeThreads, kD, kDV>(p, sq, tid, req, span, req_rows, hpk, m_block, head_kv);
     // ---- KV block loader: kTokenThreads threads per token, page looked up per token ----
     auto load_kv = [&](int blk, int buf) {
       const int tok_in_blk = tid / kTokenThreads, part = tid % kTokenThreads;

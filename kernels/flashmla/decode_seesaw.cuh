@@ -127,8 +127,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   constexpr int kSub = L::kSubTiles;    // sub-tiles per KV block (9 or 8)
   constexpr int kVSub = kDV / 64 / 2;   // V sub-tiles per warpgroup (4)
   constexpr int kRopeSub = kDV / 64;    // index of the rope sub-tile (8)
-  constexpr int kChunks = kD / 8;       // 16-byte chunks per Q row
-  constexpr int kLatentChunks = kDV / 8;
   const DecodeParams& p = sp.p;
 
   grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
@@ -203,26 +201,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       if (lo + 1 < hi) load_kv(lo + 1, page_of(lo + 1), 1, 0, kSub);
     }
 
-    // ---- Q tile: 4 threads per row, rows past the request's zero-filled ----
-    {
-      constexpr int kQThreads = kSeesawThreads / 64;
-      const int qtid = opaque(tid);  // recomputed here, not held across the main loop
-      const int row = qtid / kQThreads, r = m_block * 64 + row;
-      const bool valid = r < req_rows;
-      const u16 *src = (const u16*)p.q, *src_pe = (const u16*)p.q_pe;  // latent, rope columns
-      if (valid) {
-        const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
-        src += req * p.q_batch_stride + tok * p.q_seq_stride + hq * p.q_head_stride;
-        src_pe += req * p.q_pe_batch_stride + tok * p.q_pe_seq_stride + hq * p.q_pe_head_stride;
-      }
-#pragma unroll 1
-      for (int i = 0; i < kChunks / kQThreads; ++i) {
-        const int c = qtid % kQThreads + kQThreads * i;
-        const u16* chunk = c < kLatentChunks ? src + c * 8 : src_pe + (c - kLatentChunks) * 8;
-        cp_async_16(sq + 2 * tile_offset<64>(row, c * 8), valid ? chunk : src, valid);
-      }
-      cp_async_commit_group();
-    }
+    // Q: per-thread values recomputed (opaque), not held across the main loop
+    load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
+    cp_async_commit_group();
     if (tid < 64) {  // per-row visible length (end-aligned causal mask)
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
