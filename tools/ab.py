@@ -20,15 +20,15 @@ res = []
 for b, s_k, h_q, s_q in {configs!r}:
     q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
-    call = lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
-    if os.environ.get("FLASHMLA_JIT_DEFINES") == "PEER":  # FlashMLA built in .peer/ (git-ignored)
+    ours = call = lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
+    if os.environ.get("AB_PEER"):  # FlashMLA built in .peer/ (git-ignored)
         sys.path.insert(0, os.path.join({root!r}, ".peer")); import flashmla_peer; flashmla_peer.load()
         ps, pn = flashmla_peer.get_mla_metadata(sl, s_q * h_q, 1)
         call = lambda: flashmla_peer.flash_mla_with_kvcache(q, k, bt, sl, 512, ps, pn, causal=True)
     out = call()[0].float()
     us = do_bench(call, warmup=25, rep=100, return_mode="median") * 1e3
     os.environ["FLASHMLA_JIT_SEESAW"] = "0"; settings.get.cache_clear(); api._plans.clear()
-    ref = call()[0].float()
+    ref = ours()[0].float()  # our cp.async kernels
     del os.environ["FLASHMLA_JIT_SEESAW"]; settings.get.cache_clear(); api._plans.clear()
     err = ((out - ref).norm() / ref.norm()).item()
     res.append(f"{{us:8.1f}} ({{err:.0e}})")
@@ -39,7 +39,8 @@ print("RESULT", " | ".join(res))
 print("configs (b, s_k, h_q, s_q):", CONFIGS)
 ROUNDS = int(os.environ.get("AB_ROUNDS", "1"))
 for defines in (sys.argv[1:] or [""]) * ROUNDS:  # rounds interleave the variants: clocks drift
-    env = dict(os.environ, FLASHMLA_JIT_DEFINES=defines)  # "PEER": time FlashMLA instead
+    peer = defines == "PEER"  # time FlashMLA instead; our cp.async kernels stay the reference
+    env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer else defines, AB_PEER="1" if peer else "")
     run = subprocess.run([sys.executable, "-c", PROBE.format(root=ROOT, configs=CONFIGS)], env=env,
                          capture_output=True, text=True)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT")), None)
