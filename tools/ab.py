@@ -1,7 +1,9 @@
 """A/B kernel variants on the GPU: each FLASHMLA_JIT_DEFINES set in a fresh process,
 timed on the same configs, outputs checked against the cp.async kernel.
 
-  AB_ROUNDS=2 python tools/ab.py "" "FLASHMLA_SEESAW_SKIP=0" PEER
+  AB_ROUNDS=2 python tools/ab.py "" "NAME=1" PEER
+("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, PEER = FlashMLA
+from .peer/; rounds interleave the sets.)
 """
 import os
 import subprocess
