@@ -443,10 +443,10 @@ class _DecodePlan:
             q_pe = q_ptr + 2 * self.head_dim_v
         if not self.k_pe_split:
             k_pe = k_ptr + 2 * self.head_dim_v
-        params = type(self.decode_params).from_buffer_copy(self.decode_params)
-        dp = params.p if self.seesaw else params  # a view into params' buffer
-        if self.seesaw:
+        params = dp = type(self.decode_params).from_buffer_copy(self.decode_params)
+        if self.seesaw:  # the tensor maps first, then DecodeParams (dp: a view into params)
             ctypes.memmove(ctypes.addressof(params), self._tensor_maps(k_ptr, k_pe), 256)
+            dp = params.p
         (dp.q, dp.k, dp.q_pe, dp.k_pe, dp.block_table, dp.seqlens, dp.cu_seqlens_q, dp.sched, dp.num_splits,
          dp.out, dp.lse, dp.o_accum, dp.lse_accum, dp.k_scale) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
                                                                   out_ptr, lse_ptr, o_accum, lse_accum, k_scale)
