@@ -121,10 +121,16 @@ def compile_options(spec) -> tuple[str, ...]:
     return tuple(opts)
 
 
-def hard_warnings(program_log: str) -> list[str]:
+# Diagnostic builds whose extra code may cost a few spilled bytes (their timings are
+# approximate anyway): tools/seesaw_trace.py's clock marks. Serialized wgmma stays fatal.
+_SPILL_TOLERANT_DEFINES = ("FLASHMLA_SEESAW_TRACE=1",)
+
+
+def hard_warnings(program_log: str, options=()) -> list[str]:
     """The log lines that make a successful compile a failure in this project."""
+    spills_ok = any(f"-D{d}" in options for d in _SPILL_TOLERANT_DEFINES)
     return [line for line in program_log.splitlines()
-            if _SERIALIZED.search(line) or _SPILL.search(line)]
+            if _SERIALIZED.search(line) or (_SPILL.search(line) and not spills_ok)]
 
 
 def _program_log(prog) -> str:
@@ -162,7 +168,7 @@ def compile_source(source: str, name_expression: str, options, name: str = "kern
         raw = [o.encode() for o in options]
         status = nvrtc.nvrtcCompileProgram(prog, len(raw), raw)[0]
         program_log = _program_log(prog)
-        problems = hard_warnings(program_log)
+        problems = hard_warnings(program_log, options)
         if status != nvrtc.nvrtcResult.NVRTC_SUCCESS or problems:
             what = ("NVRTC compilation failed" if status != nvrtc.nvrtcResult.NVRTC_SUCCESS
                     else "ptxas reported serialized wgmma or register spills")

@@ -92,6 +92,9 @@ def test_hard_warning_filter():
     found = compiler.hard_warnings(log)
     assert [line[:22] for line in found] == ["ptxas info    : (C7515", "ptxas info    : (C7511",
                                               "ptxas         .     8 "]
+    # the trace build may spill, never serialize
+    traced = compiler.hard_warnings(log, ("-lineinfo", "-DFLASHMLA_SEESAW_TRACE=1"))
+    assert [line[:22] for line in traced] == ["ptxas info    : (C7515", "ptxas info    : (C7511"]
 
 
 def test_source_fingerprint_covers_every_file(tmp_path, monkeypatch):

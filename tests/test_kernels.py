@@ -128,9 +128,10 @@ def test_seesaw_params_mirror_matches_the_device_struct():
     compiler.compile_source(source, "&probe", compiler.compile_options(None), "params_probe")
 
 
-def test_seesaw_trace_build_compiles_without_spills(monkeypatch):
+def test_seesaw_trace_build_compiles(monkeypatch):
     """tools/seesaw_trace.py's build (FLASHMLA_SEESAW_TRACE=1) stays usable: the clock marks
-    sit where registers are tight, and the compiler refuses spills."""
+    sit where registers are tight (the compiler lets this diagnostic build spill a few bytes,
+    never serialize its wgmma)."""
     from flashmla_jit import settings
     monkeypatch.setenv("FLASHMLA_JIT_DEFINES", "FLASHMLA_SEESAW_TRACE=1")
     monkeypatch.setenv("FLASHMLA_JIT_DISABLE_CACHE", "1")

@@ -3,7 +3,8 @@ timed on the same configs, outputs checked against the cp.async kernel.
 
   AB_ROUNDS=2 python tools/ab.py "" "NAME=1" PEER
 ("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, PEER = FlashMLA
-from .peer/; rounds interleave the sets.)
+from .peer/, @DIR = the kernels of another checkout, e.g. `git worktree add /tmp/base HEAD~1`;
+rounds interleave the sets.)
 """
 import os
 import subprocess
@@ -42,8 +43,9 @@ print("configs (b, s_k, h_q, s_q):", CONFIGS)
 ROUNDS = int(os.environ.get("AB_ROUNDS", "1"))
 for defines in (sys.argv[1:] or [""]) * ROUNDS:  # rounds interleave the variants: clocks drift
     peer = defines == "PEER"  # time FlashMLA instead; our cp.async kernels stay the reference
-    env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer else defines, AB_PEER="1" if peer else "")
-    run = subprocess.run([sys.executable, "-c", PROBE.format(root=ROOT, configs=CONFIGS)], env=env,
+    root = defines[1:] if defines.startswith("@") else ROOT
+    env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer or root != ROOT else defines, AB_PEER="1" if peer else "")
+    run = subprocess.run([sys.executable, "-c", PROBE.format(root=root, configs=CONFIGS)], env=env,
                          capture_output=True, text=True)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT")), None)
     error = next((l for l in run.stderr.splitlines() if "warning" in l or "Error" in l), run.stderr[-200:])

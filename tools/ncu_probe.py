@@ -2,6 +2,7 @@
 
   ncu -k regex:decode -s 2 -c 1 --section WarpStateStats python tools/ncu_probe.py H_Q S_Q
   (add --page source --print-source sass --csv for stall samples per SASS instruction)
+  NCU_PEER=1: FlashMLA from .peer/ (git-ignored) instead, kernel regex:splitkv_mla
 """
 import os
 import sys
@@ -17,7 +18,13 @@ import flashmla_jit  # noqa: E402
 
 h_q, s_q = int(sys.argv[1]), int(sys.argv[2])
 q, k_cache, block_table, seqlens = make_inputs(128, s_q, h_q, 1, [16384] * 128, nan_tail=False)
-sched, splits = flashmla_jit.get_mla_metadata(seqlens, s_q * h_q, 1)
+api = flashmla_jit
+if os.environ.get("NCU_PEER"):
+    sys.path.insert(0, os.path.join(ROOT, ".peer"))
+    import flashmla_peer as api  # noqa: E402
+
+    api.load()
+sched, splits = api.get_mla_metadata(seqlens, s_q * h_q, 1)
 for _ in range(3):  # the first call compiles; profile a later one (-s 2)
-    flashmla_jit.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+    api.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
 torch.cuda.synchronize()

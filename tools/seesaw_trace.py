@@ -7,7 +7,8 @@ build with a buffer in k_scale, as here: through the API it would write to addre
 import os
 import sys
 
-os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_TRACE=1"  # before flashmla_jit reads its settings
+# before flashmla_jit reads its settings; other defines (experiments) pass through
+os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_TRACE=1 " + os.environ.get("FLASHMLA_JIT_DEFINES", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
@@ -16,7 +17,7 @@ from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
 
-EVENTS = ["top: S0 done", "-", "c issued", "c done", "sync Max1", "arrive P0", "sync P1", "h issued",
+EVENTS = ["top: S0 done", "-", "c issued", "c done", "sync Max1", "arrive P0 (before c)", "sync P1", "h issued",
           "S0' rope,0-3 issued", "h done", "S0' 4-7 issued", "S0' done (end)"]  # mark() ids; 1 unrecorded
 
 h_q, s_q, s_k = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (128, 2, 16384)

@@ -14,31 +14,34 @@
 //
 // ---- Online softmax over a pair (log2 domain, m = running row max, both warpgroups
 // ---- hold the same m and their own partial row sum l against it) ----
-//   WG0: m0 = max(m, rowmax S0), s0 = 2^(m - m0), P0 = 2^(S0 - m0)    -> sMax0
+//   WG0: m0 = max(m, rowmax S0), s0 = 2^(m - m0), P0 = 2^(S0 - m0)    -> sMax0, sP0
 //   WG1: m1 = max(m0, rowmax S1), s1 = 2^(m0 - m1), P1 = 2^(S1 - m1)  -> sMax1, sP1
-//   WG0: O_L = (O_L s0 + P0 V0_L) s1 + P1 V1_L;      P0 s1 -> sP0
-//   WG1: O_R = O_R s0 s1 + P1 V1_R + (P0 s1) V0_R
-// so both halves end the pair against m1. A pair without an odd block has s1 = 1.
+//   WG0: O_L = (O_L s0 + P0 V0_L) s1 + P1 V1_L
+//   WG1: O_R = (O_R s0 + P0 V0_R) s1 + P1 V1_R
+// so both halves end the pair against m1. P0 leaves WG0 against m0, before WG1's max
+// exists: WG1's g (P0 V0_R) depends on WG0's softmax only, and the refill of the buffer
+// half it frees starts early. The s1 rescale waits for the PV before it, but it is skipped
+// when no row's max moved (most blocks). A pair without an odd block has s1 = 1.
 //
 // ---- Events of one pair (blk in buffer kv0, blk + 1 in kv1); S0 is done on entry ----
 //  WG0                                      WG1 (S1 done on entry)
-//  rowmax S0 -> m0, sMax0; arrive Max0      sync Max0
-//  P0; TMA kv0 rope <- blk+2; O_L *= s0     rowmax S1 -> m1, sMax1; arrive Max1
-//  c = P0 V0_L (RS); wait                   P1; TMA kv1 rope <- blk+3; P1 -> sP1; arrive P1
-//  TMA kv0 0-3 <- blk+2; sync Max1          O_R *= s0 s1; e = P1 V1_R (RS)
-//  P0 s1 -> sP0; arrive P0                  sync P0; g = sP0 V0_R (SS)
-//  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait e; TMA kv1 4-7 <- blk+3
-//  S0' on kv0 rope, 0-3                     wait g; TMA kv0 4-7 <- blk+2
+//  rowmax S0 -> m0, sMax0; arrive Max0      sync Max0; O_R *= s0
+//  P0; TMA kv0 rope <- blk+2                sync P0; g = sP0 V0_R (SS)
+//  P0 -> sP0; arrive P0                     rowmax S1 -> m1, sMax1; arrive Max1
+//  O_L *= s0; c = P0 V0_L (RS); wait        P1; TMA kv1 rope <- blk+3; P1 -> sP1; arrive P1
+//  TMA kv0 0-3 <- blk+2; sync Max1          (O_R moved: wait g; O_R *= s1); e = P1 V1_R (RS)
+//  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait g; TMA kv0 4-7 <- blk+2
+//  S0' on kv0 rope, 0-3                     wait e; TMA kv1 4-7 <- blk+3
 //  wait h; TMA kv1 0-3 <- blk+3             S1' on kv1 rope, 4-7, 0-3; wait
 //  S0' on kv0 4-7; wait
-// Each S waits per sub-tile on the mbarrier its TMA completes, so it starts on the
-// first sub-tile that lands, and takes them in refill order. A buffer part is refilled
-// as soon as its last reader is done: the rope sub-tiles right after their block's S;
-// kv0 0-3 after c; kv0 4-7 after g (S0 finished before WG0's arrive on Max0, which WG1
-// synced); kv1 0-3 after h (S1 finished before WG1's arrive on Max1, synced by WG0);
-// kv1 4-7 after e. Page ids are read at the top of the pair, so no TMA issue waits on
-// the block table. (Measured and dropped: an L2 prefetch of the blocks a pair ahead,
-// and an evict-first L2 hint on the loads; docs/PERF.md, v7.)
+// A buffer fills in three parts (sub-tiles 0-3, 4-7 and the rope sub-tile), each with
+// its own mbarrier, and each S waits part by part in refill order. A part is refilled as
+// soon as its last reader is done: the rope right after its block's S; kv0 0-3 after c;
+// kv0 4-7 after g (S0 finished before WG0's arrive on Max0, which WG1 synced); kv1 0-3
+// after h (S1 finished before WG1's arrive on Max1, synced by WG0); kv1 4-7 after e.
+// Page ids are read at the top of the pair, so no TMA issue waits on the block table.
+// (Measured and dropped: an L2 prefetch of the blocks a pair ahead, and an evict-first
+// L2 hint on the loads; docs/PERF.md, v7.)
 // With two buffers, a refill has about one PV of tensor work to land before its S
 // needs it: the S waits there are what separates this kernel from the tensor peak.
 // Cheap skips on the CUDA cores, whose work sits between the wgmmas: blocks a whole
@@ -48,12 +51,11 @@
 // sMax0: written by WG0 before Max0, read by WG1 after it; the next write comes after
 //   WG0's sync on Max1, which WG1 arrives after its read. sMax1 likewise (next write after
 //   WG1's next sync on Max0, which WG0 arrives after its sync on Max1 and the read).
-// sP0: written before P0, read by g; the next write comes after WG0's next sync on Max1,
-//   which WG1 arrives after waiting for g. A last pair without an odd block has no Max1:
-//   there the next write comes after S0' of the pair before, which waited on the kv0 4-7
-//   refill that WG1 issues only after waiting for g (moving that refill breaks this; the
-//   same chain keeps WG0 from arriving on P0 twice). sP1: written before P1, read by h; the next
-//   write comes after WG1's next sync on Max0, which WG0 arrives after waiting for h.
+// sP0: written before P0, read by g; the next write comes after S0' of the next block,
+//   which waited on the kv0 4-7 refill that WG1 issues only after waiting for g (moving
+//   that refill breaks this; the same chain keeps WG0 from arriving on P0 twice before
+//   WG1 synced it). sP1: written before P1, read by h; the next write comes after WG1's
+//   next sync on Max0, which WG0 arrives after waiting for h.
 //   For d = 576 sP1 is sQ's rope sub-tile: the rope part of Q lives in registers (the A
 //   operand of the 4 rope k-steps), loaded before any sP1 write.
 // Named barriers pair one arrive with one sync per pair under the same conditions, and
@@ -97,8 +99,8 @@ constexpr int kBarP1 = 4;    // WG1 -> WG0: sP1 written
 constexpr int kBarWg = 5;    // + warpgroup: its own zeroed V rows visible to its wgmma
 
 // Shared memory plan (bytes; every tile on a 1024-byte boundary for the 128-byte swizzle).
-// d = 576: kv 2 x 73728 + q 73728 + sP0 8192 + stats 1280 + barriers 144 = 230800 (sP1
-// aliases sQ's rope sub-tile); d = 512: 2 x 65536 + 65536 + 2 x 8192 + 1280 + 128.
+// d = 576: kv 2 x 73728 + q 73728 + sP0 8192 + stats 1280 + barriers 48 = 230704 (sP1
+// aliases sQ's rope sub-tile); d = 512: 2 x 65536 + 65536 + 2 x 8192 + 1280 + 32.
 template <int kD, int kDV>
 struct SeesawSmem {
   static constexpr bool kRope = kD > kDV;  // one 64-column rope sub-tile after the latent part
@@ -113,8 +115,9 @@ struct SeesawSmem {
   static constexpr int kMax1 = kStats + 256;       // float[64]: m1 per row
   static constexpr int kRowSum = kStats + 512;     // float[2][64]: l of each warpgroup (epilogue)
   static constexpr int kRowLimit = kStats + 1024;  // int[64]: keys [0, limit) visible
-  static constexpr int kBars = kStats + 1280;      // u64[2][kSubTiles]: one per buffer sub-tile
-  static constexpr int kBytes = kBars + 2 * kSubTiles * 8;
+  static constexpr int kParts = kRope ? 3 : 2;   // sub-tile groups with one mbarrier each (below)
+  static constexpr int kBars = kStats + 1280;     // u64[2][kParts]
+  static constexpr int kBytes = kBars + 2 * kParts * 8;
 };
 
 template <typename T, int kD, int kDV, bool kCausal>
@@ -127,6 +130,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   constexpr int kSub = L::kSubTiles;    // sub-tiles per KV block (9 or 8)
   constexpr int kVSub = kDV / 64 / 2;   // V sub-tiles per warpgroup (4)
   constexpr int kRopeSub = kDV / 64;    // index of the rope sub-tile (8)
+  // A buffer fills in parts, each on one mbarrier: the left V half (sub-tiles 0-3, read by
+  // WG0's PVs), the right one (4-7, WG1's) and the rope sub-tile. The sub-tiles of a part
+  // are issued back to back and land together, so a wait per part costs the S little, and
+  // the issuing thread (whose warp the other three wait for at the next wgmma) does a
+  // quarter of the mbarrier work it did with one barrier per sub-tile.
+  constexpr int kLeft = 0, kRight = 1, kRopePart = 2;
   const DecodeParams& p = sp.p;
 
   grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
@@ -138,7 +147,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   float* s_max1 = reinterpret_cast<float*>(smem + L::kMax1);
   float* s_rowsum = reinterpret_cast<float*>(smem + L::kRowSum);
   int* s_limit = reinterpret_cast<int*>(smem + L::kRowLimit);
-  auto bar = [&](int buf, int sub) { return sbase + L::kBars + (buf * kSub + sub) * 8; };
+  auto bar = [&](int buf, int part) { return sbase + L::kBars + (buf * L::kParts + part) * 8; };
 
   const int tid = threadIdx.x, wtid = tid % 128, warp = tid / 32, lane = tid % 32;
   // Warpgroup index broadcast from lane 0: provably warp-uniform, so ptxas does not treat
@@ -152,11 +161,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const float scale = (float)p.scale_log2;
   const int hpk = (int)p.heads_per_kv;
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
+  const int blocks_per_page = (int)p.page_size / kBlockN;  // page_size % 64 == 0 here
 
   if (tid == 0) {
     prefetch_tensor_map(&sp.k_latent);
     if (kRope) prefetch_tensor_map(&sp.k_rope);
-    for (int i = 0; i < 2 * kSub; ++i) mbarrier_init(bar(i / kSub, i % kSub), 1);
+    for (int i = 0; i < 2 * L::kParts; ++i) mbarrier_init(bar(i / L::kParts, i % L::kParts), 1);
     fence_mbarrier_init();
   }
   // Phase parity of the buffer this warpgroup's S reads (WG0: kv0, WG1: kv1); it flips
@@ -176,29 +186,42 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
 
     __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
 
-    // ---- KV loads, issued by one thread of a warpgroup. A block's page id is read ahead
+    // ---- KV loads, issued by lane 0 of one warp. A block's page id is read ahead
     // (page_of) so the TMA issue never waits on the block table; blocks at or past
     // kv_len, or past the part's range, get page -1, which loads zeros. ----
     auto page_of = [&](int blk) {
       const int tok = blk * kBlockN;
-      return blk < hi && tok < kv_len ? p.block_table[req * p.bt_batch_stride + tok / (int)p.page_size] : -1;
+      const int slot = blocks_per_page == 1 ? blk : tok / (int)p.page_size;
+      return blk < hi && tok < kv_len ? p.block_table[req * p.bt_batch_stride + slot] : -1;
     };
-    // Block `blk` (in page `page`) -> buffer `buf`, sub-tiles [sub_begin, sub_end).
-    auto load_kv = [&](int blk, int page, int buf, int sub_begin, int sub_end) {
-      const int row = blk * kBlockN % (int)p.page_size;
+    // Block `blk` (in page `page`) -> buffer `buf`, one part.
+    auto load_kv = [&](int blk, int page, int buf, int part) {
+      const int row = blocks_per_page == 1 ? 0 : blk * kBlockN % (int)p.page_size;
       const u32 dst = sbase + (buf ? L::kKv1 : L::kKv0);
-#pragma unroll 1
-      for (int sub = sub_begin; sub < sub_end; ++sub) {
-        mbarrier_arrive_expect_tx(bar(buf, sub), kSubTileBytes);
-        if (sub < kRopeSub || !kRope)
-          tma_load_4d(dst + sub * kSubTileBytes, &sp.k_latent, bar(buf, sub), sub * 64, head_kv, row, page);
-        else
-          tma_load_4d(dst + sub * kSubTileBytes, &sp.k_rope, bar(buf, sub), 0, head_kv, row, page);
+      if (part == kRopePart) {
+        mbarrier_arrive_expect_tx(bar(buf, part), kSubTileBytes);
+        tma_load_4d(dst + kRopeSub * kSubTileBytes, &sp.k_rope, bar(buf, part), 0, head_kv, row, page);
+        return;
+      }
+      mbarrier_arrive_expect_tx(bar(buf, part), kVSub * kSubTileBytes);
+#pragma unroll
+      for (int i = 0; i < kVSub; ++i) {
+        const int sub = part * kVSub + i;
+        tma_load_4d(dst + sub * kSubTileBytes, &sp.k_latent, bar(buf, part), sub * 64, head_kv, row, page);
       }
     };
+    // Refills are spread over warps 0-2 of a warpgroup: the next wgmma waits for the
+    // slowest warp, so one warp issuing them all delays every batch after a refill.
+    auto issuer = [&](int w) { return wtid == 32 * w; };
+    auto load_block = [&](int blk, int buf) {
+      const int page = page_of(blk);
+      load_kv(blk, page, buf, kLeft);
+      load_kv(blk, page, buf, kRight);
+      if (kRope) load_kv(blk, page, buf, kRopePart);
+    };
     if (tid == 0) {
-      load_kv(lo, page_of(lo), 0, 0, kSub);
-      if (lo + 1 < hi) load_kv(lo + 1, page_of(lo + 1), 1, 0, kSub);
+      load_block(lo, 0);
+      if (lo + 1 < hi) load_block(lo + 1, 1);
     }
 
     // Q: per-thread values recomputed (opaque), not held across the main loop
@@ -224,15 +247,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     }
 
     // ---- wgmma batches ----
-    // S (+)= Q K^T over sub-tiles [sub_begin, sub_end) of buffer `buf`, each after its
-    // TMA landed; the rope sub-tile takes Q from registers. The first wgmma of a block
-    // starts from zero. Bases go through opaque(): otherwise the compiler hoists the
-    // loop-invariant descriptors out of the request loop and spills them.
-    auto s_gemm = [&](float (&s)[32], int buf, int sub_begin, int sub_end, bool zero_first) {
+    // S (+)= Q K^T over one part of buffer `buf`, after its TMA landed; the rope sub-tile
+    // takes Q from registers. The first wgmma of a block starts from zero. Bases go through
+    // opaque(): otherwise the compiler hoists the loop-invariant descriptors out of the
+    // request loop and spills them.
+    auto s_gemm = [&](float (&s)[32], int buf, int part, bool zero_first) {
       const u32 qb = opaque(sq), kb = opaque(buf ? kv1 : kv0);
+      const int sub_begin = part == kRopePart ? kRopeSub : part * kVSub;
+      const int sub_end = part == kRopePart ? kRopeSub + 1 : sub_begin + kVSub;
+      mbarrier_wait(bar(buf, part), phase);
 #pragma unroll
       for (int sub = sub_begin; sub < sub_end; ++sub) {
-        mbarrier_wait(bar(buf, sub), phase);
         const bool first = zero_first && sub == sub_begin;
         if (kRope && sub == kRopeSub) {
 #pragma unroll
@@ -378,17 +403,19 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
 
     if (wg == 0) {
       // ================= warpgroup 0: even blocks, O columns 0-255 =================
+      trace_begin();
       wgmma_fence();
-      s_gemm(s, 0, 0, kSub, true);
+      s_gemm(s, 0, kLeft, true);
+      s_gemm(s, 0, kRight, false);
+      if (kRope) s_gemm(s, 0, kRopePart, false);
       wgmma_commit_group();
       phase ^= 1;
       wgmma_wait_group<0>();
-      trace_begin();
       for (int blk = lo; blk < hi; blk += 2) {
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
-        if (wtid == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
-        float x[32], mx[2], m0[2], s0[2], s1[2] = {1.f, 1.f};
+        if (lane == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
+        float x[32], mx[2], m0[2], s0[2];
         mark(0);
         masked_max(s, blk, x, mx);
 #pragma unroll
@@ -396,14 +423,19 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           m0[h] = fmaxf(m_run[h], mx[h]);
           s0[h] = ex2(m_run[h] - m0[h]);
           l_run[h] *= s0[h];
+          m_run[h] = m0[h];
         }
         if (t == 0) s_max0[row0] = m0[0], s_max0[row0 + 8] = m0[1];
         bar_arrive(kBarMax0, 256);
         mark(1);
         exp_rows(x, m0, l_run);
-        if (kRope && next0 && wtid == 0) load_kv(blk + 2, page2, 0, kRopeSub, kRopeSub + 1);  // only S0 read it
+        if (kRope && next0 && issuer(0)) load_kv(blk + 2, page2, 0, kRopePart);  // only S0 read it
         u32 pk[16];
         pack_p(x, pk);
+        store_p(pk, sp0);  // P0 against m0: WG1 brings its product to m1 itself
+        fence_proxy_async_shared();  // sP0 is read by WG1's wgmma (async proxy)
+        bar_arrive(kBarP0, 256);
+        mark(5);
         zero_v_tail(blk, kv0);
         rescale(o, s0);
         wgmma_fence();
@@ -412,11 +444,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(2);
         wgmma_wait_group<0>();  // c done: kv0 sub-tiles 0-3 free (S0 finished before it)
         mark(3);
-        // Refill first: the wait on WG1's max below can take a PV's time, and the next S
-        // waits on this load.
-        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, 0, kVSub);
-        m_run[0] = m0[0], m_run[1] = m0[1];
+        if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kLeft);
         if (has1) {
+          float s1[2];
           bar_sync(kBarMax1, 256);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
@@ -424,19 +454,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
             s1[h] = ex2(m0[h] - m_run[h]);
             l_run[h] *= s1[h];
           }
-        }
-        mark(4);
-        // P0 against m1 for WG1 (from the 16-bit P0: x is not kept alive), unless no row
-        // of the warp moved
-        if (has1 && !__all_sync(0xffffffff, s1[0] == 1.f && s1[1] == 1.f)) {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) pk[i] = scale_packed(pk[i], s1[i % 2], T{});
-        }
-        store_p(pk, sp0);
-        fence_proxy_async_shared();  // sP0 is read by WG1's wgmma (async proxy)
-        bar_arrive(kBarP0, 256);
-        mark(5);
-        if (has1) {
+          mark(4);
           zero_v_tail(blk + 1, kv1);  // S1 finished before WG1's arrive on Max1
           bar_sync(kBarP1, 256);
           mark(6);
@@ -448,8 +466,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         }
         if (next0) {  // S of the next even block: the sub-tiles refilled first, first
           wgmma_fence();
-          s_gemm(s, 0, kRopeSub, kSub, true);  // (empty without a rope part)
-          s_gemm(s, 0, 0, kVSub, !kRope);
+          if (kRope) s_gemm(s, 0, kRopePart, true);
+          s_gemm(s, 0, kLeft, !kRope);
           wgmma_commit_group();
           mark(8);
         }
@@ -458,10 +476,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           else wgmma_wait_group<0>();
           // h done: kv1 sub-tiles 0-3 and sP1 free
           mark(9);
-          if (next1 && wtid == 0) load_kv(blk + 3, page3, 1, 0, kVSub);
+          if (next1 && issuer(2)) load_kv(blk + 3, page3, 1, kLeft);
         }
         if (next0) {
-          s_gemm(s, 0, kVSub, 2 * kVSub, false);
+          s_gemm(s, 0, kRight, false);
           wgmma_commit_group();
           phase ^= 1;
           mark(10);
@@ -475,9 +493,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).
       auto s1_gemm = [&]() {
         wgmma_fence();
-        s_gemm(s, 1, kRopeSub, kSub, true);
-        s_gemm(s, 1, kVSub, 2 * kVSub, !kRope);
-        s_gemm(s, 1, 0, kVSub, false);
+        if (kRope) s_gemm(s, 1, kRopePart, true);
+        s_gemm(s, 1, kRight, !kRope);
+        s_gemm(s, 1, kLeft, false);
         wgmma_commit_group();
         phase ^= 1;
       };
@@ -486,7 +504,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       for (int blk = lo; blk < hi; blk += 2) {
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
-        if (wtid == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
+        if (lane == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
         bar_sync(kBarMax0, 256);
         float m0[2], s0[2];
 #pragma unroll
@@ -496,6 +514,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           l_run[h] *= s0[h];
           m_run[h] = m0[h];
         }
+        rescale(o, s0);         // O_R: m -> m0, the frame of P0
+        zero_v_tail(blk, kv0);  // S0 finished before WG0's arrive on Max0
+        bar_sync(kBarP0, 256);
+        wgmma_fence();
+        pv_ss(o, sp0, v_half(kv0));  // g: needs nothing of this warpgroup's softmax
+        wgmma_commit_group();
         if (has1) {
           float x[32], mx[2], s1[2];
           masked_max(s, blk + 1, x, mx);
@@ -504,36 +528,34 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
             m_run[h] = fmaxf(m0[h], mx[h]);
             s1[h] = ex2(m0[h] - m_run[h]);
             l_run[h] *= s1[h];
-            s0[h] *= s1[h];  // O_R goes from m straight to m1
           }
           if (t == 0) s_max1[row0] = m_run[0], s_max1[row0 + 8] = m_run[1];
           bar_arrive(kBarMax1, 256);
           exp_rows(x, m_run, l_run);
-          if (kRope && next1 && wtid == 0) load_kv(blk + 3, page3, 1, kRopeSub, kRopeSub + 1);  // only S1 read it
+          if (kRope && next1 && issuer(0)) load_kv(blk + 3, page3, 1, kRopePart);  // only S1 read it
           u32 pk[16];
           pack_p(x, pk);
           store_p(pk, sp1);
           fence_proxy_async_shared();  // sP1 is read by WG0's wgmma
           bar_arrive(kBarP1, 256);
           zero_v_tail(blk + 1, kv1);
-          rescale(o, s0);
+          // O_R: m0 -> m1, g's product included, so g must land first (rare: the max moved)
+          if (!__all_sync(0xffffffff, s1[0] == 1.f && s1[1] == 1.f)) {
+            wgmma_wait_group<0>();
+#pragma unroll
+            for (int i = 0; i < 128; ++i) o[i] *= s1[(i / 2) % 2];
+          }
           wgmma_fence();
           pv_rs(o, pk, v_half(kv1));  // e
           wgmma_commit_group();
+          wgmma_wait_group<1>();  // g done: kv0 sub-tiles 4-8 and sP0 free
+          if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
+          wgmma_wait_group<0>();  // e done: kv1 sub-tiles 4-8 free
+          if (next1 && issuer(2)) load_kv(blk + 3, page3, 1, kRight);
         } else {
-          rescale(o, s0);
+          wgmma_wait_group<0>();  // g done
+          if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
         }
-        zero_v_tail(blk, kv0);  // S0 finished before WG0's arrive on Max0
-        bar_sync(kBarP0, 256);
-        wgmma_fence();
-        pv_ss(o, sp0, v_half(kv0));  // g
-        wgmma_commit_group();
-        if (has1) {
-          wgmma_wait_group<1>();  // e done: kv1 sub-tiles 4-8 free
-          if (next1 && wtid == 0) load_kv(blk + 3, page3, 1, kVSub, 2 * kVSub);
-        }
-        wgmma_wait_group<0>();  // g done: kv0 sub-tiles 4-8 and sP0 free
-        if (next0 && wtid == 0) load_kv(blk + 2, page2, 0, kVSub, 2 * kVSub);
         if (next1) s1_gemm();
         wgmma_wait_group<0>();
       }
