@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // opaque(): otherwise the compiler hoists the loop-invariant descriptors out of the
     // request loop and spills them.
     auto s_gemm = [&](float (&s)[32], int buf, int part, bool zero_first) {
-      const u32 qb = opaque(sq), kb = opaque(buf ? kv1 : kv0);
+      const u64 dq = smem_desc(opaque(sq), 0, 1024), dk = smem_desc(opaque(buf ? kv1 : kv0), 0, 1024);
       const int sub_begin = part == kRopePart ? kRopeSub : part * kVSub;
       const int sub_end = part == kRopePart ? kRopeSub + 1 : sub_begin + kVSub;
       mbarrier_wait(bar(buf, part), phase);
@@ -262,7 +262,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         if (kRope && sub == kRopeSub) {
 #pragma unroll
           for (int ks = 0; ks < 4; ++ks) {
-            const u64 db = smem_desc(kb + sub * kSubTileBytes + ks * 32, 0, 1024);
+            const u64 db = desc_plus(dk, sub * kSubTileBytes + ks * 32);
             if (first && ks == 0)
               wgmma_m64n64k16_rs_first(s, q_rope[ks][0], q_rope[ks][1], q_rope[ks][2], q_rope[ks][3], db, T{});
             else
@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         } else {
 #pragma unroll
           for (int ks = 0; ks < 4; ++ks) {  // +32 bytes = 16 columns inside a swizzle atom
-            const u64 da = smem_desc(qb + sub * kSubTileBytes + ks * 32, 0, 1024);
-            const u64 db = smem_desc(kb + sub * kSubTileBytes + ks * 32, 0, 1024);
+            const u64 da = desc_plus(dq, sub * kSubTileBytes + ks * 32);
+            const u64 db = desc_plus(dk, sub * kSubTileBytes + ks * 32);
             if (first && ks == 0) wgmma_m64n64k16_ss_first(s, da, db, T{});
             else wgmma_m64n64k16_ss(s, da, db, 1, T{});
           }
@@ -283,17 +283,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // of a K buffer read MN-major (LBO 8 KB between sub-tiles, +2 KB per 16 tokens).
     auto v_half = [&](u32 kbuf) { return opaque(kbuf + wg * kVSub * kSubTileBytes); };
     auto pv_rs = [&](float (&o)[128], const u32 (&pk)[16], u32 vbase) {
+      const u64 dv = smem_desc(vbase, kSubTileBytes, 1024);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
         wgmma_m64n256k16_rs(o, pk[4 * kk], pk[4 * kk + 1], pk[4 * kk + 2], pk[4 * kk + 3],
-                            smem_desc(vbase + kk * 16 * 128, kSubTileBytes, 1024), T{});
+                            desc_plus(dv, kk * 16 * 128), T{});
     };
     auto pv_ss = [&](float (&o)[128], u32 pbase, u32 vbase) {
-      pbase = opaque(pbase);
+      const u64 dp = smem_desc(opaque(pbase), 0, 1024), dv = smem_desc(vbase, kSubTileBytes, 1024);
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk)
-        wgmma_m64n256k16_ss(o, smem_desc(pbase + kk * 32, 0, 1024),
-                            smem_desc(vbase + kk * 16 * 128, kSubTileBytes, 1024), 1, T{});
+        wgmma_m64n256k16_ss(o, desc_plus(dp, kk * 32), desc_plus(dv, kk * 16 * 128), 1, T{});
     };
 
     // ---- softmax pieces (this thread: rows row0, row0 + 8; 16 columns of the block) ----

@@ -160,6 +160,12 @@ __device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
 __device__ __forceinline__ u64 smem_desc(u32 addr, u32 lbo, u32 sbo) {
   return (u64)((addr & 0x3FFFF) >> 4) | ((u64)(lbo >> 4) << 16) | ((u64)(sbo >> 4) << 32) | (1ull << 62);
 }
+// The descriptor of an address `bytes` further (a compile-time offset in the callers): only
+// the start-address field (bits 0-13, 16-byte units) moves, with no carry out of it below
+// 256 KB, so one 32-bit add replaces the four uniform ops of a fresh smem_desc.
+__device__ __forceinline__ u64 desc_plus(u64 desc, u32 bytes) {
+  return ((desc >> 32) << 32) | (u32)((u32)desc + (bytes >> 4));
+}
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit_group() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N>
