@@ -104,7 +104,6 @@ constexpr int kBarWg = 5;    // + warpgroup: its own zeroed V rows visible to it
 template <int kD, int kDV>
 struct SeesawSmem {
   static constexpr bool kRope = kD > kDV;  // one 64-column rope sub-tile after the latent part
-  static constexpr int kSubTiles = kD / 64;
   static constexpr int kKvBytes = kBlockN * kD * 2;
   static constexpr int kKv0 = 0, kKv1 = kKvBytes;
   static constexpr int kQ = 2 * kKvBytes;
@@ -127,7 +126,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   static_assert(kD == kDV || kD == kDV + 64, "the rope part is absent or one 64-column sub-tile");
   static_assert(L::kBytes <= 232448, "fits the 227 KB per-block shared memory");
   constexpr bool kRope = L::kRope;
-  constexpr int kSub = L::kSubTiles;    // sub-tiles per KV block (9 or 8)
   constexpr int kVSub = kDV / 64 / 2;   // V sub-tiles per warpgroup (4)
   constexpr int kRopeSub = kDV / 64;    // index of the rope sub-tile (8)
   // A buffer fills in parts, each on one mbarrier: the left V half (sub-tiles 0-3, read by
@@ -444,6 +442,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(2);
         wgmma_wait_group<0>();  // c done: kv0 sub-tiles 0-3 free (S0 finished before it)
         mark(3);
+        // Refill before the wait on WG1's max, which can take a PV's time
         if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kLeft);
         if (has1) {
           float s1[2];
@@ -548,9 +547,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           wgmma_fence();
           pv_rs(o, pk, v_half(kv1));  // e
           wgmma_commit_group();
-          wgmma_wait_group<1>();  // g done: kv0 sub-tiles 4-8 and sP0 free
+          wgmma_wait_group<1>();  // g done: kv0 sub-tiles 4-7 and sP0 free
           if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
-          wgmma_wait_group<0>();  // e done: kv1 sub-tiles 4-8 free
+          wgmma_wait_group<0>();  // e done: kv1 sub-tiles 4-7 free
           if (next1 && issuer(2)) load_kv(blk + 3, page3, 1, kRight);
         } else {
           wgmma_wait_group<0>();  // g done

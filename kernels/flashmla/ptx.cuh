@@ -86,16 +86,6 @@ __device__ __forceinline__ u32 cvt_pack(float lo, float hi, fp16_t) {
   return r;
 }
 
-// Packed 16-bit pair -> the pair as floats, scaled, packed again.
-__device__ __forceinline__ u32 scale_packed(u32 v, float sc, bf16_t) {
-  return cvt_pack(__uint_as_float(v << 16) * sc, __uint_as_float(v & 0xffff0000u) * sc, bf16_t{});
-}
-__device__ __forceinline__ u32 scale_packed(u32 v, float sc, fp16_t) {
-  float lo, hi;
-  asm("{ .reg .f16 l, h; mov.b32 {l, h}, %2; cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }\n" : "=f"(lo), "=f"(hi) : "r"(v));
-  return cvt_pack(lo * sc, hi * sc, fp16_t{});
-}
-
 // ---- math ----------------------------------------------------------------------------
 __device__ __forceinline__ float ex2(float x) {
   float r;
