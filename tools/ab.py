@@ -3,7 +3,8 @@ timed on the same configs, outputs checked against the cp.async kernel.
 
   AB_ROUNDS=2 python tools/ab.py "" "NAME=1" PEER
 ("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, PEER = FlashMLA
-from .peer/, @DIR = the kernels of another checkout, e.g. `git worktree add /tmp/base HEAD~1`;
+from .peer/, @DIR = the kernels of another checkout (absolute path; for the device tool keep
+it inside the tree: `git archive HEAD~1 flashmla_jit kernels tests | tar -x -C _base`);
 rounds interleave the sets.)
 """
 import os
