@@ -170,6 +170,24 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
   "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), "+f"(d[i + 6]), "+f"(d[i + 7])
 #define FLASHMLA_OUT8(d, i) \
   "=f"(d[i]), "=f"(d[i + 1]), "=f"(d[i + 2]), "=f"(d[i + 3]), "=f"(d[i + 4]), "=f"(d[i + 5]), "=f"(d[i + 6]), "=f"(d[i + 7])
+// Operand lists of a 32- and a 128-register accumulator: "%0, ..., %31" and its constraints.
+#define FLASHMLA_D32                                                                          \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FLASHMLA_D128                                                                         \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                    \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "          \
+  "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "          \
+  "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "          \
+  "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "          \
+  "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "          \
+  "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, " \
+  "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"
+#define FLASHMLA_ACC32(d) FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24)
+#define FLASHMLA_OUT32(d) FLASHMLA_OUT8(d, 0), FLASHMLA_OUT8(d, 8), FLASHMLA_OUT8(d, 16), FLASHMLA_OUT8(d, 24)
+#define FLASHMLA_ACC128(d) FLASHMLA_ACC32(d), FLASHMLA_ACC8(d, 32), FLASHMLA_ACC8(d, 40), FLASHMLA_ACC8(d, 48), \
+  FLASHMLA_ACC8(d, 56), FLASHMLA_ACC8(d, 64), FLASHMLA_ACC8(d, 72), FLASHMLA_ACC8(d, 80), FLASHMLA_ACC8(d, 88), \
+  FLASHMLA_ACC8(d, 96), FLASHMLA_ACC8(d, 104), FLASHMLA_ACC8(d, 112), FLASHMLA_ACC8(d, 120)
 // One definition per 16-bit input type: PTX spells it "bf16" or "f16".
 #define FLASHMLA_DEFINE_WGMMA(TAG, PTX)                                                                   \
   __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[32], u64 desc_a, u64 desc_b,              \
@@ -177,10 +195,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
     asm volatile(                                                                                         \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                      \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        FLASHMLA_D32                                                                                      \
         "}, %32, %33, p, 1, 1, 0, 0;\n}\n"                                                                \
-        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24)            \
+        : FLASHMLA_ACC32(d)                                                                               \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                                     \
   }                                                                                                       \
   /* The first k-step of a fresh accumulator: D = A B (scale-d 0), D write-only ("=f"), */ \
@@ -189,20 +206,18 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
   __device__ __forceinline__ void wgmma_m64n64k16_ss_first(float (&d)[32], u64 desc_a, u64 desc_b, TAG) {  \
     asm volatile(                                                                                         \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        FLASHMLA_D32                                                                                      \
         "}, %32, %33, 0, 1, 1, 0, 0;\n"                                                                   \
-        : FLASHMLA_OUT8(d, 0), FLASHMLA_OUT8(d, 8), FLASHMLA_OUT8(d, 16), FLASHMLA_OUT8(d, 24)            \
+        : FLASHMLA_OUT32(d)                                                                               \
         : "l"(desc_a), "l"(desc_b));                                                                      \
   }                                                                                                       \
   __device__ __forceinline__ void wgmma_m64n64k16_rs_first(float (&d)[32], u32 a0, u32 a1, u32 a2, u32 a3, \
                                                            u64 desc_b, TAG) {                             \
     asm volatile(                                                                                         \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        FLASHMLA_D32                                                                                      \
         "}, {%32, %33, %34, %35}, %36, 0, 1, 1, 0;\n"                                                     \
-        : FLASHMLA_OUT8(d, 0), FLASHMLA_OUT8(d, 8), FLASHMLA_OUT8(d, 16), FLASHMLA_OUT8(d, 24)            \
+        : FLASHMLA_OUT32(d)                                                                               \
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b));                                              \
   }                                                                                                       \
   /* A from registers (RS): a0..a3 = the A fragment of one k-slice, laid out like an   */ \
@@ -212,10 +227,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
     asm volatile(                                                                                         \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                      \
         "wgmma.mma_async.sync.aligned.m64n64k16.f32." PTX "." PTX " {"                                    \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"                  \
+        FLASHMLA_D32                                                                                      \
         "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"                                                   \
-        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24)            \
+        : FLASHMLA_ACC32(d)                                                                               \
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b), "r"(accumulate));                     \
   }                                                                                                       \
   __device__ __forceinline__ void wgmma_m64n256k16_rs(float (&d)[128], u32 a0, u32 a1, u32 a2, u32 a3,    \
@@ -223,19 +237,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
     asm volatile(                                                                                         \
         "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n" /* scale-d: always accumulate */                       \
         "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX " {"                                   \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                \
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                \
-        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "    \
-        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+        FLASHMLA_D128                                                                                     \
         "}, {%128, %129, %130, %131}, %132, p, 1, 1, 1;\n}\n"                                          \
-        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24),           \
-          FLASHMLA_ACC8(d, 32), FLASHMLA_ACC8(d, 40), FLASHMLA_ACC8(d, 48), FLASHMLA_ACC8(d, 56),         \
-          FLASHMLA_ACC8(d, 64), FLASHMLA_ACC8(d, 72), FLASHMLA_ACC8(d, 80), FLASHMLA_ACC8(d, 88),         \
-          FLASHMLA_ACC8(d, 96), FLASHMLA_ACC8(d, 104), FLASHMLA_ACC8(d, 112), FLASHMLA_ACC8(d, 120)       \
+        : FLASHMLA_ACC128(d)                                                                              \
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc_b));                                      \
   }                                                                                                       \
   __device__ __forceinline__ void wgmma_m64n256k16_ss(float (&d)[128], u64 desc_a, u64 desc_b,            \
@@ -243,19 +247,9 @@ __device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence
     asm volatile(                                                                                         \
         "{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                                     \
         "wgmma.mma_async.sync.aligned.m64n256k16.f32." PTX "." PTX " {"                                   \
-        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                          \
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "                \
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "                \
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, "                \
-        "%64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, "                \
-        "%80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, "                \
-        "%96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, "    \
-        "%112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127"  \
+        FLASHMLA_D128                                                                                     \
         "}, %128, %129, p, 1, 1, 0, 1;\n}\n"                                                              \
-        : FLASHMLA_ACC8(d, 0), FLASHMLA_ACC8(d, 8), FLASHMLA_ACC8(d, 16), FLASHMLA_ACC8(d, 24),           \
-          FLASHMLA_ACC8(d, 32), FLASHMLA_ACC8(d, 40), FLASHMLA_ACC8(d, 48), FLASHMLA_ACC8(d, 56),         \
-          FLASHMLA_ACC8(d, 64), FLASHMLA_ACC8(d, 72), FLASHMLA_ACC8(d, 80), FLASHMLA_ACC8(d, 88),         \
-          FLASHMLA_ACC8(d, 96), FLASHMLA_ACC8(d, 104), FLASHMLA_ACC8(d, 112), FLASHMLA_ACC8(d, 120)       \
+        : FLASHMLA_ACC128(d)                                                                              \
         : "l"(desc_a), "l"(desc_b), "r"(accumulate));                                                     \
   }
 FLASHMLA_DEFINE_WGMMA(bf16_t, "bf16")
@@ -263,5 +257,10 @@ FLASHMLA_DEFINE_WGMMA(fp16_t, "f16")
 #undef FLASHMLA_DEFINE_WGMMA
 #undef FLASHMLA_ACC8
 #undef FLASHMLA_OUT8
+#undef FLASHMLA_D32
+#undef FLASHMLA_D128
+#undef FLASHMLA_ACC32
+#undef FLASHMLA_OUT32
+#undef FLASHMLA_ACC128
 
 }  // namespace flashmla
