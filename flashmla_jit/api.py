@@ -14,10 +14,19 @@ import math
 from . import settings
 from .spec import (BLOCK_N, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
                    decode_spec, seesaw_fits, tile_rows_for)
+from .params import CombineParams, DecodeParams, SeesawParams
 from .tensors import Tensor, current_stream, describe, empty
 
 # Fixed cost of one split piece (Q load + epilogue), in 64-token blocks, for the scheduler.
 OVERHEAD_BLOCKS = 5
+
+
+def whole_slack_pct(rows: int) -> int:
+    """How much longer (%) a part may get to keep equal requests whole (metadata.cuh).
+    Up to 128 query rows per KV head a step is memory-bound: cutting b = 128 requests
+    over 132 parts cost 3-10 % (H100, docs/PERF.md); at 256 rows the 4 % of SMs left
+    idle cost as much as they would compute, so splitting wins there."""
+    return 10 if rows <= 128 else 0
 
 
 # ---- validation helpers: each error names the argument, what it got and what it needs ----
@@ -160,7 +169,7 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int,
 
     from . import driver
     params = MetadataParams(seqlens.ptr, active_ptr, sched_ptr, splits_ptr, batch, active, num_parts, BLOCK_N,
-                            OVERHEAD_BLOCKS)
+                            OVERHEAD_BLOCKS, whole_slack_pct(num_heads_per_head_k))
     driver.launch(METADATA_SPEC, device, (1, 1, 1), params, current_stream(seqlens))
     return sched, num_splits
 
@@ -352,7 +361,6 @@ class _DecodePlan:
 
     def __init__(self, qt, kt, bt, sched, ot, qpt, kpt, cu, device, batch, s_q, h_q, h_kv, head_dim,
                  head_dim_v, softmax_scale, causal, out_shape, lse_shape, kv):
-        from .params import CombineParams, DecodeParams, SeesawParams
         num_pages, page_size = kt.shape[:2]
         heads_per_kv = h_q // h_kv
         rows = s_q * heads_per_kv
@@ -407,7 +415,15 @@ class _DecodePlan:
             *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows, int(chunked))
         per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
-        self.torch_dtype = self.torch_device = None
+        # Per call only the pointers change: they are packed into a copy of a template.
+        from .params import COMBINE_POINTERS, DECODE_POINTERS, PointerPacker
+        base = SeesawParams.p.offset if self.seesaw else 0
+        self.decode_template = bytes(self.decode_params)  # seesaw: tensor maps not yet in
+        self.pack_decode = PointerPacker(DecodeParams, DECODE_POINTERS, base)
+        self.pack_k_scale = PointerPacker(DecodeParams, ("k_scale",), base)
+        self.combine_template = bytes(self.combine_params)
+        self.pack_combine = PointerPacker(CombineParams, COMBINE_POINTERS)
+        self.torch_float32 = None
         from . import driver
         self.driver = driver
 
@@ -424,60 +440,93 @@ class _DecodePlan:
 
     def prepare(self, ptrs, q, out, lse, stream: int, like: Tensor | None = None):
         """Outputs, scratch and the launches of one call (tools/bench.py times the
-        launches alone)."""
+        launches alone). like: q described, or None on the torch hot path (q a tensor)."""
         q_ptr, k_ptr, bt, sl, sched, ns, q_pe, k_pe, cu, out_ptr, lse_ptr, k_scale = ptrs
-        if like is None and self.torch_dtype is None:
-            import torch
-            self.torch_empty, self.torch_float32 = torch.empty, torch.float32
-            self.torch_dtype, self.torch_device = q.dtype, q.device
-        if out is None:
-            out = self._empty(like, self.out_shape, self.dtype)
+        new_out, new_lse = out is None, lse is None
+        if like is None:  # the torch hot path: q is a plain torch.Tensor
+            out, lse, scratch = self._torch_buffers(q, out, lse, stream)
+        else:
+            out = empty(like, self.out_shape, self.dtype) if new_out else out
+            lse = empty(like, self.lse_shape, "fp32") if new_lse else lse
+            scratch = empty(like, (self.scratch_numel,), "fp32")
+        if new_out:
             out_ptr = _ptr(out)
-        if lse is None:
-            lse = self._empty(like, self.lse_shape, "fp32")
+        if new_lse:
             lse_ptr = _ptr(lse)
-        scratch = self._empty(like, (self.scratch_numel,), "fp32")
         o_accum = _ptr(scratch)
         lse_accum = o_accum + self.partial_rows * self.head_dim_v * 4
         if not self.q_pe_split:
             q_pe = q_ptr + 2 * self.head_dim_v
         if not self.k_pe_split:
             k_pe = k_ptr + 2 * self.head_dim_v
-        params = dp = type(self.decode_params).from_buffer_copy(self.decode_params)
-        if self.seesaw:  # the tensor maps first, then DecodeParams (dp: a view into params)
-            ctypes.memmove(ctypes.addressof(params), self._tensor_maps(k_ptr, k_pe), 256)
-            dp = params.p
-        (dp.q, dp.k, dp.q_pe, dp.k_pe, dp.block_table, dp.seqlens, dp.cu_seqlens_q, dp.sched, dp.num_splits,
-         dp.out, dp.lse, dp.o_accum, dp.lse_accum, dp.k_scale) = (q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns,
-                                                                  out_ptr, lse_ptr, o_accum, lse_accum, k_scale)
-        cp = type(self.combine_params).from_buffer_copy(self.combine_params)
-        cp.sched, cp.num_splits, cp.cu_seqlens_q, cp.o_accum, cp.lse_accum, cp.out, cp.lse = (
-            sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
+        template = self._seesaw_template(k_ptr, k_pe) if self.seesaw else self.decode_template
+        params = type(self.decode_params).from_buffer_copy(template)
+        self.pack_decode(params, q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns, out_ptr, lse_ptr, o_accum, lse_accum)
+        if k_scale:
+            self.pack_k_scale(params, k_scale)
+        cp = type(self.combine_params).from_buffer_copy(self.combine_template)
+        self.pack_combine(cp, sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
         # The combine starts while the decode kernel drains (programmatic dependent
         # launch) and waits on the GPU for its partials.
         launches = ((self.decode_spec, self.decode_grid, params, stream, False),
                     (self.combine_spec, self.combine_grid, cp, stream, True))
         return out, lse, scratch, launches
 
-    def _tensor_maps(self, k: int, k_pe: int) -> bytes:
-        """The seesaw kernel's two tensor maps (latent, rope) for these cache addresses;
-        encoded once per address pair (serving engines keep one cache per layer)."""
-        maps = self.tensor_maps.get((k, k_pe))
-        if maps is None:
+    def _torch_buffers(self, q, out, lse, stream: int):
+        if self.torch_float32 is None:
+            import torch
+            self.torch_float32 = torch.float32
+        if out is None:
+            out = q.new_empty(self.out_shape)
+        if lse is None:
+            lse = q.new_empty(self.lse_shape, dtype=self.torch_float32)
+        scratch = (_TorchScratch.make(self.scratch_numel * 4, stream, self.device)
+                   or q.new_empty((self.scratch_numel,), dtype=self.torch_float32))
+        return out, lse, scratch
+
+    def _seesaw_template(self, k: int, k_pe: int) -> bytes:
+        """The seesaw parameters with their two tensor maps (latent, rope) for these cache
+        addresses; encoded once per address pair (serving engines keep one cache per layer)."""
+        template = self.tensor_maps.get((k, k_pe))
+        if template is None:
             if len(self.tensor_maps) >= 64:
                 self.tensor_maps.clear()
             latent, rope = self.kv_geometry
             maps = self.driver.kv_tensor_map(k, *latent)
             maps += self.driver.kv_tensor_map(k_pe, *rope) if rope[0] else bytes(128)
-            self.tensor_maps[(k, k_pe)] = maps
-        return maps
+            template = self.tensor_maps[(k, k_pe)] = maps + self.decode_template[len(maps):]
+        return template
 
-    def _empty(self, like, shape, dtype):
-        if like is not None:
-            return empty(like, shape, dtype)
-        # the torch hot path: no Tensor description at hand
-        return self.torch_empty(shape, dtype=self.torch_dtype if dtype != "fp32" else self.torch_float32,
-                                device=self.torch_device)
+
+class _TorchScratch:
+    """The fp32 split-KV scratch of one call, straight from torch's caching allocator
+    (a tensor costs several microseconds more per call). Freed when dropped: like a
+    tensor's memory, it is reused only by work queued later on the same stream."""
+
+    __slots__ = ("ptr",)
+    _raw = None  # (raw_alloc, raw_delete, current device) once torch is loaded
+
+    @classmethod
+    def make(cls, nbytes: int, stream: int, device: int):
+        """None where the raw allocator is missing or allocates on another device (it
+        uses torch's current device): the caller then takes a tensor."""
+        raw = cls._raw
+        if raw is None:
+            import torch
+            c = torch._C
+            names = ("_cuda_cudaCachingAllocator_raw_alloc", "_cuda_cudaCachingAllocator_raw_delete", "_cuda_getDevice")
+            raw = cls._raw = tuple(getattr(c, n) for n in names) if all(hasattr(c, n) for n in names) else ()
+        if not raw or raw[2]() != device:
+            return None
+        scratch = object.__new__(cls)
+        scratch.ptr = raw[0](nbytes, stream)
+        return scratch
+
+    def data_ptr(self) -> int:
+        return self.ptr
+
+    def __del__(self):
+        self._raw[1](self.ptr)
 
 
 def _contiguous_strides(shape):

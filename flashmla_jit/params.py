@@ -6,6 +6,7 @@ names, order and types, so the two cannot drift apart silently.
 """
 
 import ctypes
+import struct
 
 P = ctypes.c_void_p
 I = ctypes.c_int64
@@ -54,7 +55,30 @@ class MetadataParams(ctypes.Structure):
     _fields_ = [
         ("seqlens", P), ("num_seqs", P), ("sched", P), ("num_splits", P),
         ("batch", I), ("active", I), ("num_parts", I), ("block_n", I), ("overhead_blocks", I),
+        ("whole_slack_pct", I),
     ]
 
 
 SCHED_RECORD_INTS = 8   # kSchedRecordInts
+
+
+class PointerPacker:
+    """Writes consecutive pointer fields of a parameter struct in one struct.pack_into
+    (the per-call part of a launch: the rest of the struct comes from a template)."""
+
+    def __init__(self, struct_type, names, base: int = 0):
+        fields = [getattr(struct_type, name) for name in names]
+        first = fields[0].offset
+        if any(f.offset != first + 8 * i or f.size != 8 for i, f in enumerate(fields)):
+            raise TypeError(f"{struct_type.__name__}: {names} are not consecutive 8-byte fields")
+        self.offset = base + first
+        self.pack = struct.Struct(f"<{len(names)}Q").pack_into
+
+    def __call__(self, params, *pointers):
+        self.pack(params, self.offset, *pointers)
+
+
+# The pointer fields of a call, in the order the API fills them.
+DECODE_POINTERS = ("q", "k", "q_pe", "k_pe", "block_table", "seqlens", "cu_seqlens_q", "sched", "num_splits",
+                   "out", "lse", "o_accum", "lse_accum")
+COMBINE_POINTERS = ("sched", "num_splits", "cu_seqlens_q", "o_accum", "lse_accum", "out", "lse")

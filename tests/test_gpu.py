@@ -155,6 +155,28 @@ def test_caller_owned_out_and_lse():
     assert_close(out, lse, ref_out, ref_lse, "caller-owned out/lse")
 
 
+def test_out_alone_on_the_cached_path_and_scratch_returns_to_the_allocator():
+    # Long sequences split across parts, so the fp32 scratch is used; out is passed, lse
+    # is not. The repeated calls take the cached plan (scratch from the raw allocator).
+    q, k_cache, block_table, seqlens = make_inputs(4, 2, 16, 1, [30000, 17, 9000, 64])
+    sched, splits = get_mla_metadata(seqlens, 32, 1)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512, causal=True)
+    out = torch.empty(4, 2, 16, 512, dtype=q.dtype, device="cuda")
+    for call in range(3):
+        out.fill_(float("nan"))
+        poison_allocator(((4, 16, 2), torch.float32),)
+        got_out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True,
+                                              out=out)
+        assert got_out is out
+        assert_close(out, lse, ref_out, ref_lse, f"out alone, call {call}")
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    for _ in range(5):
+        flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True)
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() == allocated
+
+
 @pytest.mark.parametrize("split_q,split_k", [(True, False), (False, True), (True, True)])
 def test_split_latent_and_rope_inputs(split_q, split_k):
     batch, s_q, h_q = 4, 2, 64
@@ -306,19 +328,28 @@ def test_graph_with_padded_batch_and_caller_metadata_buffers():
 
 def test_metadata_matches_python_model():
     from sched_model import plan
-    from flashmla_jit.api import OVERHEAD_BLOCKS
+    from flashmla_jit.api import OVERHEAD_BLOCKS, whole_slack_pct
     gen = torch.Generator().manual_seed(3)
-    for batch, rows, h_kv in [(1, 16, 1), (7, 128, 1), (128, 16, 1), (300, 256, 2), (2000, 64, 1)]:
+    for batch, rows, h_kv, equal in [(1, 16, 1, False), (7, 128, 1, False), (128, 16, 1, False),
+                                     (300, 256, 2, False), (2000, 64, 1, False), (128, 16, 1, True),
+                                     (128, 128, 1, True), (128, 256, 1, True), (1500, 64, 1, True)]:
         lens = torch.randint(0, 20000, (batch,), generator=gen, dtype=torch.int32)
-        lens[::5] = 0
+        if equal:  # every request the same length (the whole-request payload)
+            lens[:] = lens[0]
+        else:
+            lens[::5] = 0
+        slack = whole_slack_pct(rows)
         sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv)
-        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS)
+        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, whole_slack_pct=slack)
         assert ns.cpu().tolist() == exp_ns
         assert sched.cpu().tolist() == exp_sched
+        if equal and slack:
+            assert exp_ns[-1] == batch  # no request was split
         active = batch // 3  # padding past it, counted on the GPU
         sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv, num_seqs=torch.tensor([active], device="cuda",
                                                                                       dtype=torch.int32))
-        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, active=active)
+        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, active=active,
+                                 whole_slack_pct=slack)
         assert (ns.cpu().tolist(), sched.cpu().tolist()) == (exp_ns, exp_sched)
 
 

@@ -36,3 +36,27 @@ def test_struct_mirrors_header(struct):
 
 def test_sched_record_size():
     assert f"kSchedRecordInts = {params.SCHED_RECORD_INTS};" in HEADER.read_text()
+
+
+@pytest.mark.parametrize("struct_type, names, base", [
+    (params.DecodeParams, params.DECODE_POINTERS, 0),
+    (params.SeesawParams, params.DECODE_POINTERS, params.SeesawParams.p.offset),
+    (params.CombineParams, params.COMBINE_POINTERS, 0),
+    (params.DecodeParams, ("k_scale",), 0)])
+def test_pointer_packer_writes_the_named_fields(struct_type, names, base):
+    target = struct_type
+    if struct_type is params.SeesawParams:
+        target = params.DecodeParams
+    packer = params.PointerPacker(target, names, base)
+    obj = struct_type()
+    values = [0x1000 * (i + 1) + 16 for i in range(len(names))]
+    packer(obj, *values)
+    fields = obj.p if struct_type is params.SeesawParams else obj
+    assert [getattr(fields, name) for name in names] == values
+    untouched = [n for n, _ in target._fields_ if n not in names]
+    assert all(not getattr(fields, n) for n in untouched)  # nothing else written
+
+
+def test_pointer_packer_rejects_gaps():
+    with pytest.raises(TypeError, match="consecutive"):
+        params.PointerPacker(params.DecodeParams, ("q", "k_scale"))
