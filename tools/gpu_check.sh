@@ -27,6 +27,13 @@ if [[ $stage == all || $stage == sanitize ]]; then
     status+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
     tail -4 "$OUT/sanitizer_$tool.log"
   done
+  # racecheck itself on a race-free kernel in the seesaw's arrive / sync handoff pattern:
+  # its reports on the seesaw epilogue are of the kind it gives here (tools/racecheck_arrive.py).
+  for mode in sync arrive; do
+    timeout 60 compute-sanitizer --tool racecheck --report-api-errors no python3 tools/racecheck_arrive.py $mode \
+      > "$OUT/racecheck_arrive_$mode.log" 2>&1
+    status+=("racecheck, race-free handoff ($mode): $(grep -E 'sums correct|wrong sums' "$OUT/racecheck_arrive_$mode.log" | tail -1), $(grep -E 'RACECHECK SUMMARY' "$OUT/racecheck_arrive_$mode.log" | tail -1)")
+  done
 fi
 if [[ $stage == all || $stage == bench ]]; then
   timeout 420 python3 tools/bench.py "$@" --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log" | tail -40
