@@ -151,8 +151,20 @@ def _pdl_attrs():
     return [attr]
 
 
+# The hot path's table, keyed by the spec object itself (hashing a spec's fields costs
+# a microsecond a launch); it holds the spec, so its id is never reused while listed.
+_by_identity: dict = {}
+
+
+def _function_of(spec, device: int):
+    entry = _by_identity.get((id(spec), device))
+    if entry is None:
+        entry = _by_identity[(id(spec), device)] = (spec, function(spec, device))
+    return entry[1]
+
+
 def _launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl: bool = False):
-    fn = _functions.get((spec, device)) or function(spec, device)
+    fn = _function_of(spec, device)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     if not pdl:
         check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes, _stream(stream),

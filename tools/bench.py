@@ -248,7 +248,7 @@ def main():
     print(f"ceilings (same run): copy {ceil['copy_gbs']:.0f} GB/s | read {ceil['read_gbs']:.0f} GB/s | "
           f"matmul {ceil['matmul_tflops']:.0f} TFLOPS")
     print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'page':>4} {'kv':>8} {'us':>8} {'GB/s':>6} "
-          f"{'%read':>6} {'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
+          f"{'%read':>6} {'TFLOPS':>7} {'%mm':>5} {'eager us':>9} {'speedup':>7} {'FlashMLA us':>11} {'vs FlashMLA':>11} {'cp.async us':>11}")
     for r in rows:
         eager = r.get("eager_us", float("nan"))
         peer = r.get("flashmla_us", float("nan"))
