@@ -96,14 +96,19 @@ _is_compiling = None
 
 
 def _compiling(x) -> bool:
-    """Inside a torch.compile trace of torch tensors: go through torch.ops.flashmla_jit.*"""
+    """Inside a torch.compile trace of torch tensors: go through torch.ops.flashmla_jit.*,
+    registered here on first use (dynamo runs the import for real). Eager-only processes
+    never register them: torch.library's registration costs ~17 ms of the first call."""
     global _is_compiling
     if not type(x).__module__.startswith("torch"):
         return False
     if _is_compiling is None:
         import torch
         _is_compiling = torch.compiler.is_compiling
-    return _is_compiling()
+    if not _is_compiling():
+        return False
+    from . import torch_ops  # noqa: F401
+    return True
 
 
 def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int, *, num_seqs=None, out=None):

@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import pathlib
 import re
 import shlex
@@ -94,13 +95,29 @@ def nvrtc_identity() -> str:
     loads first), its exact distribution version names it without loading the library,
     which would cost ~40 ms of every warm start; otherwise ask the library itself.
     """
+    import cuda.bindings
+    major = str(cuda.bindings.__version__).split(".")[0]
+    dist = "nvidia-cuda-nvrtc-cu12" if major == "12" else "nvidia-cuda-nvrtc"
+    version = _dist_version(dist, pathlib.Path(cuda.bindings.__file__).resolve().parents[2])
+    return f"{dist}=={version}" if version else "nvrtc " + ".".join(map(str, nvrtc_version()))
+
+
+def _dist_version(dist: str, site: pathlib.Path) -> str | None:
+    """A pip distribution's version, from its one .dist-info folder beside cuda-bindings
+    (one directory listing: importlib.metadata scans every path entry, ~15 ms); else
+    importlib.metadata's answer, or None when it is not installed."""
+    prefix = dist.replace("-", "_") + "-"
+    try:
+        found = [e.name for e in os.scandir(site) if e.name.startswith(prefix) and e.name.endswith(".dist-info")]
+    except OSError:
+        found = []
+    if len(found) == 1:
+        return found[0][len(prefix):-len(".dist-info")]
     from importlib import metadata
     try:
-        bindings_major = int(metadata.version("cuda-bindings").split(".")[0])
-        dist = "nvidia-cuda-nvrtc-cu12" if bindings_major == 12 else "nvidia-cuda-nvrtc"
-        return f"{dist}=={metadata.version(dist)}"
-    except (metadata.PackageNotFoundError, ValueError):
-        return "nvrtc " + ".".join(map(str, nvrtc_version()))
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def compile_options(spec) -> tuple[str, ...]:

@@ -61,17 +61,23 @@ def sm_count(device: int) -> int:
     return device_attribute(device, cu.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
 
 
+@functools.cache
+def _context_and_handle(device: int):
+    ctx = primary_context(device)
+    return ctx, int(ctx)
+
+
 class _OnDevice:
     """Make the device's primary context current for a block, if it is not already
     (torch and cupy keep the current device's primary context current already)."""
 
-    __slots__ = ("ctx", "pushed")
+    __slots__ = ("ctx", "handle", "pushed")
 
     def __init__(self, device: int):
-        self.ctx = primary_context(device)
+        self.ctx, self.handle = _context_and_handle(device)
 
     def __enter__(self):
-        self.pushed = int(check(cu.cuCtxGetCurrent())) != int(self.ctx)
+        self.pushed = int(check(cu.cuCtxGetCurrent())) != self.handle
         if self.pushed:
             check(cu.cuCtxPushCurrent(self.ctx))
 
@@ -170,14 +176,29 @@ def _launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl:
         check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes, _stream(stream),
                                 ctypes.addressof(args), 0))
         return
-    config = cu.CUlaunchConfig()
-    config.gridDimX, config.gridDimY, config.gridDimZ = grid
-    config.blockDimX, config.blockDimY, config.blockDimZ = spec.threads, 1, 1
-    config.sharedMemBytes = spec.smem_bytes
-    config.hStream = _stream(stream)
-    config.attrs = _pdl_attrs()
-    config.numAttrs = 1
-    check(cu.cuLaunchKernelEx(config, fn, ctypes.addressof(args), 0))
+    check(cu.cuLaunchKernelEx(_pdl_config(spec, grid, stream), fn, ctypes.addressof(args), 0))
+
+
+_configs: dict = {}
+
+
+def _pdl_config(spec, grid, stream: int):
+    """A PDL launch's CUlaunchConfig, built once per (spec, grid, stream): filling one
+    field by field costs more than the launch. cuLaunchKernelEx reads it at the call."""
+    key = (id(spec), grid, stream)
+    entry = _configs.get(key)
+    if entry is None:
+        if len(_configs) > 256:  # streams and batch sizes come and go in long-lived processes
+            _configs.clear()
+        config = cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = spec.threads, 1, 1
+        config.sharedMemBytes = spec.smem_bytes
+        config.hStream = _stream(stream)
+        config.attrs = _pdl_attrs()
+        config.numAttrs = 1
+        entry = _configs[key] = (spec, config)  # holding the spec keeps its id unique
+    return entry[1]
 
 
 def launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl: bool = False):

@@ -50,9 +50,8 @@ _TORCH_DTYPES = None
 
 def _describe_torch(x) -> Tensor:
     global _TORCH_DTYPES
-    if _TORCH_DTYPES is None:  # first torch tensor: also register torch.ops.flashmla_jit.*
+    if _TORCH_DTYPES is None:
         import torch
-        from . import torch_ops  # noqa: F401
         _TORCH_DTYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "int32"}
     dev = x.device
     dtype = _TORCH_DTYPES.get(x.dtype) or str(x.dtype).replace("torch.", "")

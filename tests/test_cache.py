@@ -72,16 +72,26 @@ def test_key_changes_with_everything_that_builds_the_binary(cache_root, monkeypa
     assert compiler.compile_options(spec)[-2:] == ("-DFLASHMLA_X=1", "-DFLASHMLA_Y")
 
 
-def test_package_version_falls_back_to_version_file(monkeypatch):
+def test_warm_key_reads_no_distribution_metadata(monkeypatch):
+    # The package and NVRTC versions come from _version.py and a directory listing:
+    # importlib.metadata's scan of sys.path would cost ~15 ms of every warm start.
     from importlib import metadata
 
     from flashmla_jit._version import __version__
 
-    def not_installed(name):
-        raise metadata.PackageNotFoundError(name)
+    def scan(*args, **kwargs):
+        raise AssertionError("importlib.metadata consulted on the warm path")
 
-    monkeypatch.setattr(metadata, "version", not_installed)
+    import cuda.bindings
+    site = pathlib.Path(cuda.bindings.__file__).resolve().parents[2]
+    wheel_nvrtc = any(n.startswith("nvidia_cuda_nvrtc") and n.endswith(".dist-info") for n in os.listdir(site))
+    monkeypatch.setattr(metadata, "version", scan)
+    monkeypatch.setattr(metadata, "distribution", scan)
     assert cache.package_version() == __version__ == "0.1.0"
+    if wheel_nvrtc:  # NVRTC's wheel beside cuda-bindings (both CI stacks); else the library is asked
+        compiler.nvrtc_identity.cache_clear()
+        assert compiler.nvrtc_identity().startswith("nvidia-cuda-nvrtc")
+        cache.cache_key(FakeSpec())
 
 
 # ---- memo, disk, layout --------------------------------------------------------------

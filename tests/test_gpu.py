@@ -521,5 +521,32 @@ def test_import_is_lazy_on_gpu_machine():
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 
 
+COMPILE_FIRST = """
+import sys, torch
+from mla_reference import assert_close, make_inputs, reference
+from flashmla_jit import flash_mla_with_kvcache, get_mla_metadata
+q, k, bt, sl = make_inputs(3, 2, 16, 1, [700, 0, 3000])
+def step(q, k, bt, sl):
+    sched, splits = get_mla_metadata(sl, 32, 1)
+    return flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
+if sys.argv[1] == "compile":  # the very first call of the process is inside a trace
+    out, lse = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, bt, sl)
+else:
+    out, lse = step(q, k, bt, sl)
+assert_close(out, lse, *reference(q, k, bt, sl, 512, causal=True), sys.argv[1])
+print(sys.argv[1], "ok, ops registered:", "flashmla_jit.torch_ops" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("mode", ["compile", "eager"])
+def test_custom_ops_register_on_first_trace_only(mode):
+    # Eager-only processes skip torch.library's registration (~17 ms of the first call);
+    # a process whose first call is inside torch.compile registers them then.
+    res = subprocess.run([sys.executable, "-c", COMPILE_FIRST, mode], capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), HERE])))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"{mode} ok, ops registered: {mode == 'compile'}" in res.stdout, res.stdout
+
+
 def test_version():
     assert isinstance(flashmla_jit.__version__, str)
