@@ -80,9 +80,8 @@ constexpr int kSeesawThreads = 256;
 // (0, 0, 0), thread 0 of warpgroup 0 sums the SM clock at each event of a pair minus the
 // pair's start, in the row-sum slots (unused until the epilogue: no extra registers), and
 // adds the sums per request to the int64 buffer passed as k_scale (unused by 16-bit
-// caches): [event], event 15 = pairs. Off: the marks compile away. (WG1's marks came
-// back overwritten by row sums: first in slots WG0's epilogue writes, then, in WG1's own
-// rows behind a WG1 barrier, for a reason not found; they were taken out.)
+// caches): [event], event 15 = pairs; warpgroup 1's thread 0 likewise in static smem of
+// its own, into [16 + event]. Off: the marks compile away.
 #ifndef FLASHMLA_SEESAW_TRACE
 #define FLASHMLA_SEESAW_TRACE 0
 #endif
@@ -392,6 +391,33 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       if (traced())
         for (int e = 1; e < kTraceEvents; ++e) ((long long*)p.k_scale)[e] += trace_slots[e];
     };
+    // Warpgroup 1 (its thread 0) in slots of its own (static smem, trace builds only),
+    // against its own pair start; event 1 sums (its start - WG0's start of the same pair),
+    // read at its sync on Max0 (WG0 cannot start the next pair before WG1's Max1).
+#if FLASHMLA_SEESAW_TRACE
+    __shared__ u32 wg1_slots[kTraceEvents];
+#else
+    u32* wg1_slots = nullptr;
+#endif
+    auto traced1 = [&]() {
+      return FLASHMLA_SEESAW_TRACE && tid == 128 && (blockIdx.x | blockIdx.y | blockIdx.z) == 0;
+    };
+    auto mark1 = [&](int event) {
+      if (!traced1()) return;
+      u32 now;
+      asm volatile("mov.u32 %0, %%clock;\n" : "=r"(now));
+      if (event == 0) wg1_slots[0] = now, wg1_slots[kTraceEvents - 1] += 1;
+      else if (event == 1) wg1_slots[1] += wg1_slots[0] - trace_slots[0];
+      else wg1_slots[event] += now - wg1_slots[0];
+    };
+    auto trace1_begin = [&]() {
+      if (traced1())
+        for (int e = 0; e < kTraceEvents; ++e) wg1_slots[e] = 0;
+    };
+    auto trace1_end = [&]() {
+      if (traced1())  // signed: event 1 may be negative
+        for (int e = 1; e < kTraceEvents; ++e) ((long long*)p.k_scale)[kTraceEvents + e] += (int)wg1_slots[e];
+    };
 
     float o[128];  // this warpgroup's O half, m64n256 accumulator layout
 #pragma unroll
@@ -498,13 +524,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         wgmma_commit_group();
         phase ^= 1;
       };
+      trace1_begin();
       if (lo + 1 < hi) s1_gemm();
       wgmma_wait_group<0>();
       for (int blk = lo; blk < hi; blk += 2) {
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
         if (lane == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
+        mark1(0);
         bar_sync(kBarMax0, 256);
+        mark1(1);
+        mark1(2);
         float m0[2], s0[2];
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
@@ -516,9 +546,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         rescale(o, s0);         // O_R: m -> m0, the frame of P0
         zero_v_tail(blk, kv0);  // S0 finished before WG0's arrive on Max0
         bar_sync(kBarP0, 256);
+        mark1(3);
         wgmma_fence();
         pv_ss(o, sp0, v_half(kv0));  // g: needs nothing of this warpgroup's softmax
         wgmma_commit_group();
+        mark1(4);
         if (has1) {
           float x[32], mx[2], s1[2];
           masked_max(s, blk + 1, x, mx);
@@ -530,6 +562,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           }
           if (t == 0) s_max1[row0] = m_run[0], s_max1[row0 + 8] = m_run[1];
           bar_arrive(kBarMax1, 256);
+          mark1(5);
           exp_rows(x, m_run, l_run);
           if (kRope && next1 && issuer(0)) load_kv(blk + 3, page3, 1, kRopePart);  // only S1 read it
           u32 pk[16];
@@ -537,6 +570,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           store_p(pk, sp1);
           fence_proxy_async_shared();  // sP1 is read by WG0's wgmma
           bar_arrive(kBarP1, 256);
+          mark1(6);
           zero_v_tail(blk + 1, kv1);
           // O_R: m0 -> m1, g's product included, so g must land first (rare: the max moved)
           if (!__all_sync(0xffffffff, s1[0] == 1.f && s1[1] == 1.f)) {
@@ -547,17 +581,23 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           wgmma_fence();
           pv_rs(o, pk, v_half(kv1));  // e
           wgmma_commit_group();
+          mark1(7);
           wgmma_wait_group<1>();  // g done: kv0 sub-tiles 4-7 and sP0 free
+          mark1(8);
           if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
           wgmma_wait_group<0>();  // e done: kv1 sub-tiles 4-7 free
+          mark1(9);
           if (next1 && issuer(2)) load_kv(blk + 3, page3, 1, kRight);
         } else {
           wgmma_wait_group<0>();  // g done
           if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
         }
         if (next1) s1_gemm();
+        mark1(10);
         wgmma_wait_group<0>();
+        mark1(11);
       }
+      trace1_end();
     }
 
     // ---- epilogue: l = l0 + l1 (each summed over its quad), both halves against m ----
