@@ -8,7 +8,6 @@ need the seqlens and page ids on the host.
 
 from __future__ import annotations
 
-import ctypes
 import math
 
 from . import settings
@@ -399,7 +398,7 @@ class _DecodePlan:
         self.kv_geometry = ((head_dim_v, h_kv, page_size, num_pages, kt.strides[2], kt.strides[1], kt.strides[0]),
                             (head_dim - head_dim_v, h_kv, page_size, num_pages, rope_t.strides[2], rope_t.strides[1],
                              rope_t.strides[0]))
-        self.tensor_maps = {}  # (k, k_pe) addresses -> their two encoded tensor maps
+        self.seesaw_templates = {}  # (k, k_pe) addresses -> parameters with their tensor maps
         self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format, self.seesaw)
         self.decode_params = DecodeParams(
             *([0] * 13),  # pointers: filled per call
@@ -492,14 +491,14 @@ class _DecodePlan:
     def _seesaw_template(self, k: int, k_pe: int) -> bytes:
         """The seesaw parameters with their two tensor maps (latent, rope) for these cache
         addresses; encoded once per address pair (serving engines keep one cache per layer)."""
-        template = self.tensor_maps.get((k, k_pe))
+        template = self.seesaw_templates.get((k, k_pe))
         if template is None:
-            if len(self.tensor_maps) >= 64:
-                self.tensor_maps.clear()
+            if len(self.seesaw_templates) >= 64:
+                self.seesaw_templates.clear()
             latent, rope = self.kv_geometry
             maps = self.driver.kv_tensor_map(k, *latent)
             maps += self.driver.kv_tensor_map(k_pe, *rope) if rope[0] else bytes(128)
-            template = self.tensor_maps[(k, k_pe)] = maps + self.decode_template[len(maps):]
+            template = self.seesaw_templates[(k, k_pe)] = maps + self.decode_template[len(maps):]
         return template
 
 
