@@ -348,6 +348,18 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a + 8 * 128), "r"(pk[2 * j + 1]) : "memory");
       }
     };
+    // A warpgroup's P: exp against m (row sums into l), then the block's rope sub-tile is
+    // refilled (only this warpgroup's S read it), P packed for this warpgroup's RS PV and
+    // stored for the other one's SS PV, made visible to the async proxy, and signalled.
+    auto publish_p = [&](float (&x)[32], const float (&m)[2], float (&l)[2], bool refill, int rope_blk,
+                         int rope_page, int buf, u32 (&pk)[16], u32 pbase, int bar_p) {
+      exp_rows(x, m, l);
+      if (kRope && refill && issuer(0)) load_kv(rope_blk, rope_page, buf, kRopePart);
+      pack_p(x, pk);
+      store_p(pk, pbase);
+      fence_proxy_async_shared();
+      bar_arrive(bar_p, 256);
+    };
     auto rescale = [&](float (&o)[128], const float (&sc)[2]) {
       // Once the running max settles most blocks leave it unchanged: skip the 128
       // multiplies (they sit right before a PV wgmma) when no row of the warp moved.
@@ -452,13 +464,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         if (t == 0) s_max0[row0] = m0[0], s_max0[row0 + 8] = m0[1];
         bar_arrive(kBarMax0, 256);
         mark(1);
-        exp_rows(x, m0, l_run);
-        if (kRope && next0 && issuer(0)) load_kv(blk + 2, page2, 0, kRopePart);  // only S0 read it
         u32 pk[16];
-        pack_p(x, pk);
-        store_p(pk, sp0);  // P0 against m0: WG1 brings its product to m1 itself
-        fence_proxy_async_shared();  // sP0 is read by WG1's wgmma (async proxy)
-        bar_arrive(kBarP0, 256);
+        // P0 against m0: WG1 brings its product to m1 itself
+        publish_p(x, m0, l_run, next0, blk + 2, page2, 0, pk, sp0, kBarP0);
         mark(5);
         zero_v_tail(blk, kv0);
         rescale(o, s0);
@@ -563,13 +571,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           if (t == 0) s_max1[row0] = m_run[0], s_max1[row0 + 8] = m_run[1];
           bar_arrive(kBarMax1, 256);
           mark1(5);
-          exp_rows(x, m_run, l_run);
-          if (kRope && next1 && issuer(0)) load_kv(blk + 3, page3, 1, kRopePart);  // only S1 read it
           u32 pk[16];
-          pack_p(x, pk);
-          store_p(pk, sp1);
-          fence_proxy_async_shared();  // sP1 is read by WG0's wgmma
-          bar_arrive(kBarP1, 256);
+          publish_p(x, m_run, l_run, next1, blk + 3, page3, 1, pk, sp1, kBarP1);
           mark1(6);
           zero_v_tail(blk + 1, kv1);
           // O_R: m0 -> m1, g's product included, so g must land first (rare: the max moved)
