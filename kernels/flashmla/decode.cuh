@@ -27,6 +27,17 @@
 namespace flashmla {
 
 constexpr int kBlockN = 64;
+
+// The blocks [lo, hi) of request `req` a part owns (its scheduler record): all of the
+// request's blocks except in the part's first and last request.
+struct BlockRange {
+  int lo, hi;
+};
+__device__ __forceinline__ BlockRange part_blocks(int seqlen, int req, int begin_req, int begin_blk, int end_req,
+                                                  int end_blk) {
+  const int nblk = (seqlen + kBlockN - 1) / kBlockN;
+  return {req == begin_req ? begin_blk : 0, req == end_req ? end_blk : nblk};
+}
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
 constexpr float kMaxInit = -1e30f;  // finite: exp2 of (init - init) is 1, never NaN
@@ -146,9 +157,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
   for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
     const int seqlen = p.seqlens[req];
-    const int nblk = (seqlen + kBlockN - 1) / kBlockN;
-    const int lo = req == begin_req ? begin_blk : 0;
-    const int hi = req == end_req ? end_blk : nblk;
+    const BlockRange blocks = part_blocks(seqlen, req, begin_req, begin_blk, end_req, end_blk);
+    const int lo = blocks.lo, hi = blocks.hi;
     if (lo >= hi) continue;
     const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
     const int split = req == begin_req ? begin_split : p.num_splits[req];

@@ -172,9 +172,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
 
   for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
     const int seqlen = p.seqlens[req];
-    const int nblk = (seqlen + kBlockN - 1) / kBlockN;
-    const int lo = req == begin_req ? begin_blk : 0;
-    const int hi = req == end_req ? end_blk : nblk;
+    const BlockRange blocks = part_blocks(seqlen, req, begin_req, begin_blk, end_req, end_blk);
+    const int lo = blocks.lo, hi = blocks.hi;
     if (lo >= hi) continue;
     const int kv_len = (int)min((i64)seqlen, kv_cap);
     const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
