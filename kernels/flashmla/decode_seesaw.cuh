@@ -435,6 +435,19 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     for (int i = 0; i < 128; ++i) o[i] = 0.f;
     float m_run[2] = {kMaxInit, kMaxInit}, l_run[2] = {0.f, 0.f};
     float s[32];  // S of this warpgroup's current block
+    // The running max takes in a block's row max mx: s = 2^(old - new) rescales the row
+    // sums now (O later, by the caller), and the new max goes to the other warpgroup.
+    auto raise_max = [&](const float (&mx)[2], float (&sc)[2], float* s_max, int bar_max) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float m = fmaxf(m_run[h], mx[h]);
+        sc[h] = ex2(m_run[h] - m);
+        l_run[h] *= sc[h];
+        m_run[h] = m;
+      }
+      if (t == 0) s_max[row0] = m_run[0], s_max[row0 + 8] = m_run[1];
+      bar_arrive(bar_max, 256);
+    };
 
     if (wg == 0) {
       // ================= warpgroup 0: even blocks, O columns 0-255 =================
@@ -450,18 +463,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         const bool has1 = blk + 1 < hi, next0 = blk + 2 < hi, next1 = blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
         if (lane == 0) page2 = page_of(blk + 2), page3 = page_of(blk + 3);
-        float x[32], mx[2], m0[2], s0[2];
+        float x[32], mx[2], s0[2];
         mark(0);
         masked_max(s, blk, x, mx);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          m0[h] = fmaxf(m_run[h], mx[h]);
-          s0[h] = ex2(m_run[h] - m0[h]);
-          l_run[h] *= s0[h];
-          m_run[h] = m0[h];
-        }
-        if (t == 0) s_max0[row0] = m0[0], s_max0[row0 + 8] = m0[1];
-        bar_arrive(kBarMax0, 256);
+        raise_max(mx, s0, s_max0, kBarMax0);
+        const float m0[2] = {m_run[0], m_run[1]};
         mark(1);
         u32 pk[16];
         // P0 against m0: WG1 brings its product to m1 itself
@@ -561,14 +567,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         if (has1) {
           float x[32], mx[2], s1[2];
           masked_max(s, blk + 1, x, mx);
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            m_run[h] = fmaxf(m0[h], mx[h]);
-            s1[h] = ex2(m0[h] - m_run[h]);
-            l_run[h] *= s1[h];
-          }
-          if (t == 0) s_max1[row0] = m_run[0], s_max1[row0 + 8] = m_run[1];
-          bar_arrive(kBarMax1, 256);
+          raise_max(mx, s1, s_max1, kBarMax1);  // m_run is m0 here
           mark1(5);
           u32 pk[16];
           publish_p(x, m_run, l_run, next1, blk + 3, page3, 1, pk, sp1, kBarP1);
