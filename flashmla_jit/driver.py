@@ -94,14 +94,17 @@ def _library(spec):
     return library, artifact.lowered_name
 
 
+# Keyed by the spec object itself, looked up on every launch (hashing a spec's fields
+# costs a microsecond); an entry holds its spec, so the id is never reused while listed.
+# Equal specs that are distinct objects share the library (_library) and only repeat
+# the cheap kernel lookup.
 _functions: dict = {}
 
 
 def function(spec, device: int):
     """The CUfunction of `spec` in `device`'s primary context (loaded once)."""
-    key = (spec, device)
-    fn = _functions.get(key)
-    if fn is None:
+    entry = _functions.get((id(spec), device))
+    if entry is None:
         library, name = _library(spec)
         kernel = check(cu.cuLibraryGetKernel(library, name.encode()))
         if spec.smem_bytes > 48 * 1024:
@@ -109,8 +112,8 @@ def function(spec, device: int):
             check(cu.cuKernelSetAttribute(attr, spec.smem_bytes, kernel, check(cu.cuDeviceGet(device))))
         with _OnDevice(device):
             fn = check(cu.cuKernelGetFunction(kernel))
-        _functions[key] = fn
-    return fn
+        entry = _functions[(id(spec), device)] = (spec, fn)
+    return entry[1]
 
 
 def kv_tensor_map(address: int, cols: int, heads: int, page_size: int, num_pages: int,
@@ -157,20 +160,8 @@ def _pdl_attrs():
     return [attr]
 
 
-# The hot path's table, keyed by the spec object itself (hashing a spec's fields costs
-# a microsecond a launch); it holds the spec, so its id is never reused while listed.
-_by_identity: dict = {}
-
-
-def _function_of(spec, device: int):
-    entry = _by_identity.get((id(spec), device))
-    if entry is None:
-        entry = _by_identity[(id(spec), device)] = (spec, function(spec, device))
-    return entry[1]
-
-
 def _launch(spec, device: int, grid, params: ctypes.Structure, stream: int, pdl: bool = False):
-    fn = _function_of(spec, device)
+    fn = function(spec, device)
     args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
     if not pdl:
         check(cu.cuLaunchKernel(fn, *grid, spec.threads, 1, 1, spec.smem_bytes, _stream(stream),
