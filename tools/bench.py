@@ -57,6 +57,14 @@ def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+def b2b_us(call, calls=10):
+    """Time per call of `calls` back-to-back calls replayed as one CUDA graph: one call
+    timed alone (bench_ms, L2 flushed before it) carries the launch of its first kernel and
+    an empty pipeline; consecutive calls (a model's decode steps) overlap those."""
+    replay, _ = capture_graph(lambda: [call() for _ in range(calls)])
+    return bench_ms(replay) * 1e3 / calls
+
+
 def ceilings():
     n = 1 << 30  # 1 Gi floats = 4 GiB
     x = torch.randn(n, device="cuda")
@@ -120,6 +128,8 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
            "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
     if seesaw_fits(512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
         row["cp_async_us"] = _with_seesaw_off(lambda: bench_ms(capture_graph(call)[0] if graph else call)) * 1e3
+    if graph:  # also per call over back-to-back calls, as a model's decode steps issue them
+        row["b2b_us"] = b2b_us(call)
     if PEER is not None and page_size == 64 and kv_format == "same":  # FlashMLA: bf16, 64-token pages
         p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
         peer_call = lambda: PEER.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, p_sched, p_splits,
@@ -128,6 +138,8 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
         peer_out, _ = peer_call()
         row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
         row["flashmla_us"] = bench_ms(capture_graph(peer_call)[0] if graph else peer_call) * 1e3
+        if graph:
+            row["flashmla_b2b_us"] = b2b_us(peer_call)
     if with_eager and not varlen and kv_format == "same":
         try:
             row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
@@ -263,6 +275,15 @@ def main():
               f"{r['gbs']:>6.0f} {100 * r['gbs'] / ceil['read_gbs']:>5.1f}% {r['tflops']:>7.1f} "
               f"{100 * r['tflops'] / ceil['matmul_tflops']:>4.1f}% {eager:>9.1f} {eager / r['us']:>6.2f}x "
               f"{peer:>11.1f} {peer / r['us']:>10.2f}x {r.get('cp_async_us', float('nan')):>11.1f}{mismatch}")
+    b2b = [r for r in rows if "b2b_us" in r]
+    if b2b:
+        print("small batches, per call over 10 back-to-back calls (one CUDA graph; 'us' above: one call alone):")
+        print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'us':>8} {'GB/s':>6} {'%read':>6} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
+        for r in b2b:
+            gbs = r["gbs"] * r["us"] / r["b2b_us"]
+            peer = r.get("flashmla_b2b_us", float("nan"))
+            print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['b2b_us']:>8.1f} {gbs:>6.0f} "
+                  f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x")
     if rows:
         print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
     if jit:
