@@ -1,0 +1,72 @@
+"""Where a decode step's time goes on the GPU: 10 back-to-back calls replayed as one CUDA
+graph under torch.profiler; per config the period between calls, the decode kernel's
+duration and how long the merge (combine) kernel runs on after it.
+
+  python tools/step_timeline.py        # h_kv = 1, s_q = 1, causal, bf16
+"""
+import os
+import statistics
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from mla_reference import make_inputs  # noqa: E402
+
+import flashmla_jit  # noqa: E402
+
+CONFIGS = [  # batch, s_k, h_q, varlen (normal(s_k, s_k / 2), clipped, as tools/bench.py)
+    (1, 32768, 16, False), (1, 131072, 16, False), (1, 131072, 128, False), (4, 131072, 16, False),
+    (16, 131072, 16, False), (128, 4096, 16, False), (128, 8192, 64, True),
+]
+CALLS = 10
+TOKEN_BYTES = 576 * 2
+
+
+def kernel_times(call):
+    """GPU (start, end) in µs of each decode and combine kernel of CALLS replayed calls."""
+    for _ in range(3):  # compile, load, warm the caches
+        call()
+    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        call()
+        with torch.cuda.graph(graph, stream=side):
+            for _ in range(CALLS):
+                call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda e: e.time_range.start)
+    pick = lambda name: [(e.time_range.start, e.time_range.end) for e in events if name in e.name]
+    return pick("decode"), pick("combine")
+
+
+def main():
+    gen = torch.Generator().manual_seed(1)
+    print(f"{torch.cuda.get_device_name()}: {CALLS} back-to-back calls in one graph, µs (the first call left out)")
+    for batch, s_k, h_q, varlen in CONFIGS:
+        if varlen:
+            lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
+        else:
+            lens = [s_k] * batch
+        q, k_cache, block_table, seqlens = make_inputs(batch, 1, h_q, 1, lens, nan_tail=False)
+        sched, splits = flashmla_jit.get_mla_metadata(seqlens, h_q, 1)
+        decode, combine = kernel_times(lambda: flashmla_jit.flash_mla_with_kvcache(
+            q, k_cache, block_table, seqlens, 512, sched, splits, causal=True))
+        period = (decode[-1][0] - decode[1][0]) / (len(decode) - 2)
+        duration = statistics.median(end - start for start, end in decode[1:])
+        tail = statistics.median(c_end - d_end for (_, d_end), (_, c_end) in zip(decode[1:], combine[1:]))
+        gbs = sum(lens) * TOKEN_BYTES / period / 1e3
+        print(f"b={batch:<4} s_k={s_k:<7} h_q={h_q:<4} {'var' if varlen else 'fix'}: period {period:7.1f} "
+              f"({gbs:5.0f} GB/s) | decode {duration:7.1f} | merge runs on {tail:5.1f}")
+        del q, k_cache
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
