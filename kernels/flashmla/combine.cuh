@@ -43,29 +43,39 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Lane `lane` adds pieces k0, k0 + step, ... < n of one 128-column chunk (its 4 columns
-// at 4 * lane), weighted by exp2(lse_k - lse_total), kPiecesInFlight loads at a time.
-__device__ __forceinline__ float4 sum_chunk(const CombineRow& row, int dv, int chunk, int k0, int n, int step,
-                                            float lse_total, int lane) {
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float* base = row.o_accum + chunk * kChunkCols + lane * 4;
-  for (int k = k0; k < n; k += kPiecesInFlight * step) {
-    float4 v[kPiecesInFlight];
-    float w[kPiecesInFlight];
+// Lane `lane` adds pieces k0, k0 + step, ... < n of kChunks consecutive 128-column
+// chunks from `chunk` (its 4 columns of each at 4 * lane) into acc, weighted by
+// exp2(lse_k - lse_total), the loads of kInFlight pieces (all their chunks) at a time.
+template <int kInFlight, int kChunks>
+__device__ __forceinline__ void sum_chunks(const CombineRow& row, int dv, int chunk, int k0, int n, int step,
+                                           float lse_total, int lane, float4 (&acc)[kChunks]) {
 #pragma unroll
-    for (int i = 0; i < kPiecesInFlight; ++i) {
+  for (int c = 0; c < kChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float* base = row.o_accum + chunk * kChunkCols + lane * 4;
+  for (int k = k0; k < n; k += kInFlight * step) {
+    float4 v[kInFlight][kChunks];
+    float w[kInFlight];
+#pragma unroll
+    for (int i = 0; i < kInFlight; ++i) {
       const int kk = k + i * step;
       const bool live = kk < n;
-      v[i] = live ? *(const float4*)(base + kk * row.piece_stride * dv) : make_float4(0.f, 0.f, 0.f, 0.f);
-      w[i] = live ? row.lse_accum[kk * row.piece_stride] : -__int_as_float(0x7f800000);
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c)
+        v[i][c] = live ? *(const float4*)(base + kk * row.piece_stride * dv + c * kChunkCols)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
+      // 0 for dead slots, and (lse = -inf) for pieces that saw no key
+      w[i] = live ? ex2(row.lse_accum[kk * row.piece_stride] - lse_total) : 0.f;
     }
 #pragma unroll
-    for (int i = 0; i < kPiecesInFlight; ++i) {
-      const float wi = ex2(w[i] - lse_total);  // 0 for dead slots and pieces that saw no key
-      acc.x += wi * v[i].x; acc.y += wi * v[i].y; acc.z += wi * v[i].z; acc.w += wi * v[i].w;
+    for (int i = 0; i < kInFlight; ++i) {
+      const float wi = w[i];
+#pragma unroll
+      for (int c = 0; c < kChunks; ++c) {
+        acc[c].x += wi * v[i][c].x; acc[c].y += wi * v[i][c].y;
+        acc[c].z += wi * v[i][c].z; acc[c].w += wi * v[i][c].w;
+      }
     }
   }
-  return acc;
 }
 
 __device__ __forceinline__ void write_lse(const CombineRow& row, bool empty, float lse_total) {
@@ -84,33 +94,12 @@ __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
   sum = warp_sum(sum);
   const bool empty = !(sum > 0.f);  // no piece, or no piece saw a key
   const float lse_total = mx + __log2f(sum);
-  // All four chunks of kGroup pieces in flight at once: a split request has 2-3 pieces,
-  // so one or two L2 round trips per row instead of one per chunk (varlen b = 128: the
-  // merge after the decode kernel took 17 us, now 13).
-  constexpr int kChunks = kDV / kChunkCols, kGroup = 2;
+  // All four chunks of two pieces in flight at once: a split request has 2-3 pieces, so
+  // one or two L2 round trips per row instead of one per chunk (varlen b = 128: the merge
+  // after the decode kernel took 17 us, now 13).
+  constexpr int kChunks = kDV / kChunkCols;
   float4 acc[kChunks];
-#pragma unroll
-  for (int c = 0; c < kChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int k = 0; k < (empty ? 0 : n); k += kGroup) {
-    float4 v[kGroup][kChunks];
-    float w[kGroup];
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i) {
-      const bool live = k + i < n;
-      const float* base = row.o_accum + (k + i) * row.piece_stride * kDV + lane * 4;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c)
-        v[i][c] = live ? *(const float4*)(base + c * kChunkCols) : make_float4(0.f, 0.f, 0.f, 0.f);
-      w[i] = live ? ex2(row.lse_accum[(k + i) * row.piece_stride] - lse_total) : 0.f;
-    }
-#pragma unroll
-    for (int i = 0; i < kGroup; ++i)
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        acc[c].x += w[i] * v[i][c].x; acc[c].y += w[i] * v[i][c].y;
-        acc[c].z += w[i] * v[i][c].z; acc[c].w += w[i] * v[i][c].w;
-      }
-  }
+  sum_chunks<2>(row, kDV, 0, 0, empty ? 0 : n, 1, lse_total, lane, acc);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
     *(uint2*)(row.out + c * kChunkCols + lane * 4) =
@@ -146,8 +135,9 @@ __device__ void combine_chunk_by_cta(const CombineRow& row, int n, int chunk, in
   const bool empty = !(sum > 0.f);
   const float lse_total = mx + __log2f(sum);
 
-  partial[warp][lane] = empty ? make_float4(0.f, 0.f, 0.f, 0.f)
-                              : sum_chunk(row, kDV, chunk, warp, n, kCombineWarps, lse_total, lane);
+  float4 acc[1];
+  sum_chunks<kPiecesInFlight>(row, kDV, chunk, warp, empty ? 0 : n, kCombineWarps, lse_total, lane, acc);
+  partial[warp][lane] = acc[0];
   __syncthreads();
   if (tid < kChunkCols / 2) {  // thread t owns columns 2t, 2t + 1 of the chunk
     const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
