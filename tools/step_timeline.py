@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
-from mla_reference import make_inputs  # noqa: E402
+from mla_reference import capture_graph, make_inputs  # noqa: E402
 
 import flashmla_jit  # noqa: E402
 
@@ -30,15 +30,10 @@ def kernel_times(call):
     """GPU (start, end) in µs of each decode and combine kernel of CALLS replayed calls."""
     for _ in range(3):  # compile, load, warm the caches
         call()
-    graph, side = torch.cuda.CUDAGraph(), torch.cuda.Stream()
-    with torch.cuda.stream(side):
-        call()
-        with torch.cuda.graph(graph, stream=side):
-            for _ in range(CALLS):
-                call()
+    replay, _ = capture_graph(lambda: [call() for _ in range(CALLS)])
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        graph.replay()
+        replay()
         torch.cuda.synchronize()
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
