@@ -139,6 +139,26 @@ def test_seesaw_and_cp_async_kernels_agree(s_q, h_q, page_size, monkeypatch):
     assert (outs[0] - outs[1]).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("s_q,h_q", [(2, 128), (1, 64)])
+def test_running_max_climbs_and_jumps(s_q, h_q):
+    """Scores that climb along each sequence (a block's row max passes the running max by
+    less than the seesaw's lazy slack, so P grows past 1 before the max moves), with one
+    block far above the rest (the max must move and O be rescaled)."""
+    seqlens = [4096, 3000, 640, 65]
+    q, k_cache, block_table, seqlens_t = make_inputs(len(seqlens), s_q, h_q, 1, seqlens)
+    for i, n in enumerate(seqlens):
+        blocks = -(-n // 64)
+        ramp = torch.linspace(1.0, 4.0, blocks, device="cuda")
+        ramp[blocks // 2] = 8.0
+        pages = block_table[i, :blocks].long()
+        k_cache[pages] = (k_cache[pages].float() * ramp[:, None, None, None]).to(k_cache.dtype)
+    sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q, 1)
+    poison_allocator(((len(seqlens), s_q, h_q, 512), torch.bfloat16), ((len(seqlens), h_q, s_q), torch.float32))
+    out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=True)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, f"climbing scores s_q={s_q} h_q={h_q}")
+
+
 def test_caller_owned_out_and_lse():
     batch, s_q, h_q = 5, 2, 32
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [0, 50, 4000, 129, 9000])

@@ -5,14 +5,14 @@ timed on the same configs, outputs checked against the cp.async kernel.
 ("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, PEER = FlashMLA
 from .peer/, @DIR = the kernels of another checkout (absolute path; for the device tool keep
 it inside the tree: `git archive HEAD~1 flashmla_jit kernels tests | tar -x -C _base`);
-rounds interleave the sets.)
+rounds interleave the sets. AB_CONFIGS="b,s_k,h_q,s_q ..." replaces the default configs.)
 """
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [(128, 16384, 128, 2), (128, 16384, 128, 1), (128, 16384, 64, 1), (128, 4096, 128, 2)]
+CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["AB_CONFIGS"].split()] if os.environ.get("AB_CONFIGS") else [(128, 16384, 128, 2), (128, 16384, 128, 1), (128, 16384, 64, 1), (128, 4096, 128, 2)]
 
 PROBE = r"""
 import os, sys, torch

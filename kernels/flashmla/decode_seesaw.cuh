@@ -13,7 +13,8 @@
 // warpgroup's through shared memory.
 //
 // ---- Online softmax over a pair (log2 domain, m = running row max, both warpgroups
-// ---- hold the same m and their own partial row sum l against it) ----
+// ---- hold the same m and their own partial row sum l against it; "max" below moves
+// ---- m only when the block's max passes it by more than kMaxSlack, see raise_max) ----
 //   WG0: m0 = max(m, rowmax S0), s0 = 2^(m - m0), P0 = 2^(S0 - m0)    -> sMax0, sP0
 //   WG1: m1 = max(m0, rowmax S1), s1 = 2^(m0 - m1), P1 = 2^(S1 - m1)  -> sMax1, sP1
 //   WG0: O_L = (O_L s0 + P0 V0_L) s1 + P1 V1_L
@@ -78,6 +79,7 @@
 namespace flashmla {
 
 constexpr int kSeesawThreads = 256;
+constexpr float kMaxSlack = 8.f;  // how far (log2) a row max may pass the running max unnoticed
 
 // FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_TRACE=1" (tools/seesaw_trace.py): in CTA
 // (0, 0, 0), thread 0 of warpgroup 0 sums the SM clock at each event of a pair minus the
@@ -92,6 +94,7 @@ constexpr int kSeesawThreads = 256;
 #define FLASHMLA_SEESAW_TRACE_MASK 0xffd  // event 1 left out: marking it too makes ptxas spill
 #endif
 constexpr int kTraceEvents = 16;
+
 
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
 constexpr int kBarMax0 = 1;  // WG0 -> WG1: sMax0 of this pair written
@@ -440,10 +443,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     float s[32];  // S of this warpgroup's current block
     // The running max takes in a block's row max mx: s = 2^(old - new) rescales the row
     // sums now (O later, by the caller), and the new max goes to the other warpgroup.
+    // Lazily: only a max above the running one by more than kMaxSlack (log2 units) moves
+    // it, so P = 2^(S - m) may reach 2^kMaxSlack (exact in 16 bits, far from overflow in
+    // the fp32 sums) and O is rescaled about once per request instead of at a quarter of
+    // the blocks (a warp rescales when any of its 16 rows moves).
     auto raise_max = [&](const float (&mx)[2], float (&sc)[2], float* s_max, int bar_max) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float m = fmaxf(m_run[h], mx[h]);
+        const float m = mx[h] > m_run[h] + kMaxSlack ? mx[h] : m_run[h];
         sc[h] = ex2(m_run[h] - m);
         l_run[h] *= sc[h];
         m_run[h] = m;
