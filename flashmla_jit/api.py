@@ -28,6 +28,16 @@ def whole_slack_pct(rows: int) -> int:
     return 10 if rows <= 128 else 0
 
 
+def merge_by_chunks(batch: int, num_parts: int, chunk_ctas: int, decode_ctas: int) -> bool:
+    """Which combine grid finishes first after the decode kernel. Measured on the H100
+    (docs/PERF.md, v11): a warp per row walks its request's pieces two at a time, ~0.5 us
+    per piece on top of ~5 us; a CTA per chunk takes ~3.5 us plus ~4.7 us per wave of 8
+    CTAs per SM (the decode grid has one CTA per SM)."""
+    pieces = -(-num_parts // batch) + 1  # each cut between parts adds at most one
+    waves = chunk_ctas / (8 * decode_ctas)
+    return 5 + 0.5 * pieces > 3.5 + 4.7 * waves
+
+
 # ---- validation helpers: each error names the argument, what it got and what it needs ----
 
 def _check_dtype(t: Tensor, name: str, allowed):
@@ -409,10 +419,10 @@ class _DecodePlan:
         if self.seesaw:
             self.decode_params = SeesawParams(p=self.decode_params)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
-        # Combine grid: when requests split into many pieces (a batch much smaller than
-        # the part count), a CTA per 128-column chunk of a row keeps enough loads in
-        # flight; otherwise a warp per row, 8 rows a CTA.
-        chunked = num_parts > 4 * batch
+        # Combine grid: a warp per row (8 rows a CTA), or a CTA per 128-column chunk of a
+        # row when requests split into so many pieces that a warp's walk over them is slower.
+        decode_ctas = math.prod(self.decode_grid)
+        chunked = merge_by_chunks(batch, num_parts, batch * h_kv * rows * (head_dim_v // 128), decode_ctas)
         self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
         self.combine_params = CombineParams(
             *([0] * 7),  # pointers: filled per call

@@ -260,6 +260,16 @@ def test_plan_fills_every_size_and_stride():
     assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 4, 1, 1)
 
 
+@pytest.mark.parametrize("batch,num_parts,rows,chunks", [(1, 132, 16, True), (2, 66, 128, True), (16, 132, 16, True),
+                                                     (8, 66, 128, False), (16, 66, 128, False), (32, 132, 16, False),
+                                                     (128, 66, 128, False)])
+def test_merge_grid_is_the_faster_one_measured(batch, num_parts, rows, chunks):
+    # H100 merge tails after the decode kernel (docs/PERF.md v11), e.g. b = 16 h128: a warp
+    # per row 9.0 us, a CTA per chunk 42.8; b = 1 h16: 30.7 against 6.9.
+    decode_ctas = num_parts * max(1, rows // 64)
+    assert api.merge_by_chunks(batch, num_parts, batch * rows * 4, decode_ctas) == chunks
+
+
 @pytest.mark.parametrize("h_q, page_size, env, seesaw", [(128, 64, None, True), (128, 128, None, True),
                                                          (32, 64, None, True), (17, 64, None, True),
                                                          (16, 64, None, True), (1, 64, None, True), (128, 16, None, False),
