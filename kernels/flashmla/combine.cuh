@@ -14,7 +14,7 @@
 // active count in the scheduler records) are never written.
 //
 // The kernel may start before the decode kernel has finished (programmatic dependent
-// launch); every CTA waits for it (griddepcontrol.wait) before anything else.
+// launch); every CTA that merges waits for it (griddepcontrol.wait) first.
 #pragma once
 #include "params.cuh"
 
@@ -156,9 +156,6 @@ template <typename T, int kDV>
 __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(kDV % kChunkCols == 0, "a lane owns 4 columns of each 128-column chunk");
   constexpr int kChunks = kDV / kChunkCols;
-  // Every CTA waits, even one with nothing to merge: this grid then completes only after
-  // the decode kernel, so work queued after it in the stream sees all of out and lse.
-  grid_dependency_wait();  // the decode kernel has finished: its partials are visible
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
   // Few pieces: CTA = (request, KV head, group of 8 rows), warp = row.
@@ -169,13 +166,23 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   const int item = (int)(blockIdx.x % per_head);
   const int r = p.chunked ? item / kChunks : item * kCombineWarps + warp;
 
+  // Before the wait only the schedule and cu_seqlens_q are read: both were final before
+  // the decode kernel started.
   const int first = p.num_splits[req];
   const int n = p.num_splits[req + 1] - first;
   const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
   const int req_rows = span.count * (int)p.heads_per_kv;
+  // CTAs with nothing to merge (a request the decode kernel wrote whole, padding of a batch
+  // captured larger, rows past the request's) leave at once, on SMs the decode kernel has
+  // left, instead of after it (FlashMLA's merge does the same): with whole requests its
+  // tail after the decode kernel was ~4 us of empty CTAs. CTA 0 always waits, so this grid
+  // still completes only after the decode kernel: work queued after it sees all outputs.
+  const int cta_first_row = p.chunked ? r : item * kCombineWarps;
+  const bool idle = n == 1 || req >= p.sched[5] || cta_first_row >= req_rows;
+  if (idle && blockIdx.x != 0) return;
+  grid_dependency_wait();  // the decode kernel has finished: its partials are visible
   // Uniform per CTA in the many-pieces grid, so the early return skips no barrier.
-  if (n == 1 || r >= req_rows) return;  // written by decode, or no such row
-  if (req >= p.sched[5]) return;        // padding of a batch captured larger: never written
+  if (idle || r >= req_rows) return;  // written by decode, or no such row
 
   const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
