@@ -95,6 +95,25 @@ constexpr float kMaxSlack = 8.f;  // how far (log2) a row max may pass the runni
 #endif
 constexpr int kTraceEvents = 16;
 
+// FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_CTATIME=1" (tools/cta_timeline.py): thread 0 of
+// every CTA stamps its request boundaries into the int64 buffer passed as k_scale,
+// [cta][32]: globaltimer at entry and exit (0, 1), clock64 at entry and exit (2, 3), then
+// per request i < 5 of the part, at 4 + 5 i: start, first S done, loop done, stores
+// begin, stores done (clock64). Off: the stamps compile away.
+#ifndef FLASHMLA_SEESAW_CTATIME
+#define FLASHMLA_SEESAW_CTATIME 0
+#endif
+__device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool globaltimer = false) {
+  if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
+  long long v;
+  if (globaltimer) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
+  else asm volatile("mov.u64 %0, %%clock64;" : "=l"(v));
+  ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + slot] = v;
+}
+__device__ __forceinline__ int cta_stamp_slot(int req, int begin_req, int event) {
+  return 4 + 5 * min(req - begin_req, 4) + event;
+}
+
 
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
 constexpr int kBarMax0 = 1;  // WG0 -> WG1: sMax0 of this pair written
@@ -142,6 +161,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const DecodeParams& p = sp.p;
 
   grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
+  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2);
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 sbase = smem_u32(smem);
   const u32 kv0 = sbase + L::kKv0, kv1 = sbase + L::kKv1, sq = sbase + L::kQ;
@@ -187,6 +207,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     if (m_block * 64 >= req_rows) continue;
 
     __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
+    cta_stamp(p, cta_stamp_slot(req, begin_req, 0));
 
     // ---- KV loads, issued by lane 0 of one warp. A block's page id is read ahead
     // (page_of) so the TMA issue never waits on the block table; blocks at or past
@@ -473,6 +494,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       wgmma_commit_group();
       phase ^= 1;
       wgmma_wait_group<0>();
+      cta_stamp(p, cta_stamp_slot(req, begin_req, 1));
       auto pair = [&](int blk, bool steady) {
         const bool has1 = steady || blk + 1 < hi, next0 = steady || blk + 2 < hi, next1 = steady || blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
@@ -543,6 +565,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       for (; steady_pair(blk); blk += 2) pair(blk, true);
       for (; blk < hi; blk += 2) pair(blk, false);
       trace_end();
+      cta_stamp(p, cta_stamp_slot(req, begin_req, 2));
     } else {
       // ================= warpgroup 1: odd blocks, O columns 256-511 =================
       // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).
@@ -644,6 +667,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       // Request facts needed only here are (re)loaded here: registers are the limit.
       const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
       const int split = req == begin_req ? p.sched[blockIdx.z * kSchedRecordInts + 4] : p.num_splits[req];
+      cta_stamp(p, cta_stamp_slot(req, begin_req, 3));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = m_block * 64 + row0 + 8 * h;
@@ -670,7 +694,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         }
       }
     }
+    cta_stamp(p, cta_stamp_slot(req, begin_req, 4));
   }
+  cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3);
 }
 
 }  // namespace flashmla

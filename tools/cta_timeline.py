@@ -1,0 +1,68 @@
+"""Where a seesaw decode call's time goes per request, over every CTA: the fill (first loads
+and first S), the pair loop, the epilogue before and during the output stores
+(kernels/flashmla/decode_seesaw.cuh, CTATIME). Only launch a CTATIME build with a buffer in
+k_scale, as here: through the API it would write to address 0.
+
+  python tools/cta_timeline.py [B,S_K,H_Q,S_Q ...]     # default 128,4096,128,1; causal, bf16
+"""
+import os
+import sys
+
+# before flashmla_jit reads its settings; other defines (experiments) pass through
+os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_CTATIME=1 " + os.environ.get("FLASHMLA_JIT_DEFINES", "")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+from mla_reference import make_inputs  # noqa: E402
+
+from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
+
+REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last slots); stamps each
+
+
+def timeline(batch, s_k, h_q, s_q):
+    q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
+    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+    # The plan of this call, made without a launch through the API (which passes no buffer).
+    arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
+    described = [api._describe_arg(x, n) if x is not None else None for x, n in zip(arrays, api._ARG_NAMES)]
+    plan = api._plan(described, 512, None, True, None, None)
+    assert plan.seesaw
+    stamps = torch.zeros(plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64,
+                         device="cuda")
+    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
+    for _ in range(3):  # the last run is read: caches and clocks warm
+        stamps.zero_()
+        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
+        launches[0][2].p.k_scale = stamps.data_ptr()
+        driver.launch_all(plan.device, launches)
+        torch.cuda.synchronize()
+    return stamps.cpu().double()
+
+
+def report(t, config):
+    ghz = ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()  # clock64 ticks per ns
+    exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
+    print(f"b={config[0]} s_k={config[1]} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
+          f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us; "
+          f"per request, mean (max) us over the CTAs that ran it:")
+    us = lambda ticks: ticks / ghz / 1e3
+    for i in range(REQUESTS):
+        start, first_s, loop, stores, end = (t[:, 4 + STAMPS * i + j] for j in range(STAMPS))
+        ran = start > 0
+        if not ran.any():
+            break
+        before = t[:, 2] if i == 0 else t[:, 4 + STAMPS * (i - 1) + STAMPS - 1]
+        spans = {"before": (before, start), "fill": (start, first_s), "loop": (first_s, loop),
+                 "epilogue": (loop, stores), "stores": (stores, end)}
+        cells = [f"{name} {us(b - a)[ran].mean():7.2f} ({us(b - a)[ran].max():6.2f})" for name, (a, b) in spans.items()]
+        print(f"  request {i} ({int(ran.sum())} CTAs): " + " | ".join(cells))
+
+
+if __name__ == "__main__":
+    configs = [tuple(map(int, c.split(","))) for c in sys.argv[1:]] or [(128, 4096, 128, 1)]
+    print(torch.cuda.get_device_name())
+    for config in configs:
+        report(timeline(*config), config)
+        torch.cuda.empty_cache()
