@@ -1,7 +1,7 @@
 // Merge the fp32 partial outputs of split requests, and finalize requests with no work.
 //
-// Two grids, chosen on the host by how many pieces a request splits into
-// (CombineParams.chunked):
+// Two grids, chosen on the host (api.merge_by_chunks: whichever merges faster for the
+// pieces per request and the rows to merge; CombineParams.chunked):
 // - few pieces (large batches, a request splits in 1-3 pieces): one warp merges one
 //   whole output row, walking its pieces; a CTA holds 8 rows.
 // - many pieces (small batches, a request splits over every SM, ~130 pieces): one CTA
