@@ -12,7 +12,8 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = [tuple(int(x) for x in c.split(",")) for c in os.environ["AB_CONFIGS"].split()] if os.environ.get("AB_CONFIGS") else [(128, 16384, 128, 2), (128, 16384, 128, 1), (128, 16384, 64, 1), (128, 4096, 128, 2)]
+DEFAULT_CONFIGS = [(128, 16384, 128, 2), (128, 16384, 128, 1), (128, 16384, 64, 1), (128, 4096, 128, 2)]
+CONFIGS = [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", "").split()] or DEFAULT_CONFIGS
 
 PROBE = r"""
 import os, sys, torch

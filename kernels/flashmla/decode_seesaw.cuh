@@ -114,7 +114,6 @@ __device__ __forceinline__ int cta_stamp_slot(int req, int begin_req, int event)
   return 4 + 5 * min(req - begin_req, 4) + event;
 }
 
-
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
 constexpr int kBarMax0 = 1;  // WG0 -> WG1: sMax0 of this pair written
 constexpr int kBarMax1 = 2;  // WG1 -> WG0: sMax1 written
@@ -180,7 +179,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const int row0 = (warp % 4) * 16 + lane / 4;        // this thread's rows: row0 and row0 + 8
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;  // (split: reloaded in the epilogue)
-  const int begin_req = rec[0], end_req = rec[2];  // (the block bounds are read per request: registers)
+  const int begin_req = rec[0], end_req = rec[2];  // rec[1], rec[3] re-read per request (held, they spilled)
   const float scale = (float)p.scale_log2;
   const int hpk = (int)p.heads_per_kv;
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
