@@ -6,6 +6,7 @@ spill; here the disassembly is checked for the instructions each kernel is built
 
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -80,6 +81,30 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
         assert ("HMMA.16816.F32.BF16" in code) == (s.dtype == "bf16")
     for local in ("LDL", "STL"):
         assert f" {local}" not in code, f"{s.name}: local-memory access {local} in SASS"
+
+
+def _loops(code: str) -> list:
+    """(instructions, HGMMAs) spanned by each backward branch of a SASS listing."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", code)]
+    loops = []
+    for addr, text in ins:
+        branch = re.search(r"\bBRA(?:\.\S+)?\s+0x([0-9a-f]+)", text)
+        if branch and int(branch.group(1), 16) < addr:
+            body = [t for a, t in ins if int(branch.group(1), 16) <= a <= addr]
+            loops.append((len(body), sum("HGMMA" in t for t in body)))
+    return loops
+
+
+@pytest.mark.parametrize("d,causal", [(576, False), (512, True)])
+def test_seesaw_steady_loops_stay_small(d, causal, tmp_path):
+    """Each warpgroup's loop over steady pairs (S of a block, two PVs: d / 16 + 8 HGMMA)
+    stays near FlashMLA's size: code the loop never runs, left inline, cost 4-7 % of
+    compute-bound time (docs/PERF.md, v11)."""
+    s = spec.KernelSpec("decode", "bf16", d, 512, causal=causal, tile_rows=64, seesaw=True)
+    code = sass(compiler.compile_spec(s).cubin, tmp_path)
+    sizes = sorted(n for n, hgmma in _loops(code) if hgmma == d // 16 + 8)
+    assert len(sizes) >= 4, f"{s.name}: expected a steady and a general loop per warpgroup, got {sizes}"
+    assert sizes[1] <= 1100, f"{s.name}: steady loops of {sizes[:2]} SASS instructions"
 
 
 def test_fp8_variants_are_in_the_all_set():
