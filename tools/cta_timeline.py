@@ -14,30 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
-from mla_reference import make_inputs  # noqa: E402
-
-from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
+from seesaw_probe import run_with_buffer  # noqa: E402
 
 REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last slots); stamps each
 
 
 def timeline(batch, s_k, h_q, s_q):
-    q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
-    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
-    # The plan of this call, made without a launch through the API (which passes no buffer).
-    arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
-    described = [api._describe_arg(x, n) if x is not None else None for x, n in zip(arrays, api._ARG_NAMES)]
-    plan = api._plan(described, 512, None, True, None, None)
-    assert plan.seesaw
-    stamps = torch.zeros(plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64,
-                         device="cuda")
-    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
-    for _ in range(3):  # the last run is read: caches and clocks warm
-        stamps.zero_()
-        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
-        launches[0][2].p.k_scale = stamps.data_ptr()
-        driver.launch_all(plan.device, launches)
-        torch.cuda.synchronize()
+    stamps = run_with_buffer(batch, s_k, h_q, s_q, lambda plan: torch.zeros(
+        plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64, device="cuda"))
     return stamps.cpu().double()
 
 

@@ -1,0 +1,29 @@
+"""One seesaw decode call (b requests of s_k tokens, causal, bf16) launched with a
+diagnostic buffer in k_scale, which the TRACE and CTATIME builds write to (through the
+API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py
+and tools/cta_timeline.py; import it after setting FLASHMLA_JIT_DEFINES."""
+import torch
+from mla_reference import make_inputs
+
+from flashmla_jit import api, driver, get_mla_metadata
+
+
+def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
+    """make_buffer(plan) -> a zeroed int64 GPU tensor; returns it after the third run
+    (caches and clocks warm), zeroed before each run."""
+    q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
+    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+    # The plan of this call, made without a launch through the API.
+    arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
+    described = [api._describe_arg(x, n) if x is not None else None for x, n in zip(arrays, api._ARG_NAMES)]
+    plan = api._plan(described, 512, None, True, None, None)
+    assert plan.seesaw
+    buffer = make_buffer(plan)
+    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
+    for _ in range(3):
+        buffer.zero_()
+        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
+        launches[0][2].p.k_scale = buffer.data_ptr()
+        driver.launch_all(plan.device, launches)
+        torch.cuda.synchronize()
+    return buffer
