@@ -2,7 +2,8 @@
 timed on the same configs, outputs checked against the cp.async kernel.
 
   AB_ROUNDS=2 python tools/ab.py "" "NAME=1" PEER
-("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, PEER = FlashMLA
+("" = the kernels as they are, "NAME=1" = a -D for a kernel's #ifndef knob, "ENV:VAR=1" = an
+environment variable (e.g. ENV:FLASHMLA_JIT_SEESAW=0), PEER = FlashMLA
 from .peer/, @DIR = the kernels of another checkout (absolute path; for the device tool keep
 it inside the tree: `git archive HEAD~1 flashmla_jit kernels tests | tar -x -C _base`);
 rounds interleave the sets. AB_CONFIGS="b,s_k,h_q,s_q ..." replaces the default configs.)
@@ -46,7 +47,9 @@ ROUNDS = int(os.environ.get("AB_ROUNDS", "1"))
 for defines in (sys.argv[1:] or [""]) * ROUNDS:  # rounds interleave the variants: clocks drift
     peer = defines == "PEER"  # time FlashMLA instead; our cp.async kernels stay the reference
     root = defines[1:] if defines.startswith("@") else ROOT
-    env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer or root != ROOT else defines, AB_PEER="1" if peer else "")
+    setting = defines[4:].split("=", 1) if defines.startswith("ENV:") else None
+    env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer or setting or root != ROOT else defines,
+               AB_PEER="1" if peer else "", **dict([setting] if setting else []))
     run = subprocess.run([sys.executable, "-c", PROBE.format(root=root, configs=CONFIGS)], env=env,
                          capture_output=True, text=True)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT")), None)
