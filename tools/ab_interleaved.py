@@ -1,0 +1,76 @@
+"""A/B settings in one process, rounds interleaved call by call: when the GPU's clocks
+drift with power and heat (s_q 2 at 16K moved 1680-1890 µs within minutes on one H100),
+variants timed minutes apart in separate processes (tools/ab.py) can differ by more than
+the change under test.
+
+  AB_ROUNDS=6 AB_CONFIGS="128,16384,128,2" python tools/ab_interleaved.py "" "FLASHMLA_JIT_SEESAW=0" PEER
+A variant is "" (as is), space-separated VAR=value settings for flashmla_jit (read again
+per variant; FLASHMLA_JIT_DEFINES compiles a kernel variant), or PEER (FlashMLA from the
+git-ignored .peer/). Prints, per config, each variant's median and best of the rounds, µs.
+"""
+import os
+import statistics
+import sys
+
+import torch
+from triton.testing import do_bench
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from mla_reference import make_inputs  # noqa: E402
+
+from flashmla_jit import api, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
+
+CONFIGS = [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", "128,16384,128,2").split()]
+ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
+
+
+def use_settings(variant: str):
+    """Environment of `variant` on top of the starting one; plans rebuilt from it."""
+    for name in [n for n in os.environ if n.startswith("FLASHMLA_JIT_")]:
+        if name not in START:
+            del os.environ[name]
+    os.environ.update(START)
+    os.environ.update(dict(item.split("=", 1) for item in variant.split()))
+    settings.get.cache_clear()
+    api._plans.clear()
+
+
+def time_config(b, s_k, h_q, s_q, variants, peer):
+    """Each variant's times (µs) over the rounds, the variants in turn within a round."""
+    q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
+    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+    times = {v: [] for v in variants}
+    for _ in range(ROUNDS):
+        for v in variants:
+            if v == "PEER":
+                ps, pn = peer.get_mla_metadata(sl, s_q * h_q, 1)
+                call = lambda: peer.flash_mla_with_kvcache(q, k, bt, sl, 512, ps, pn, causal=True)
+            else:
+                use_settings(v)
+                call = lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
+            times[v].append(do_bench(call, warmup=10, rep=60, return_mode="median") * 1e3)
+    use_settings("")
+    return times
+
+
+def main():
+    variants = sys.argv[1:] or [""]
+    peer = None
+    if "PEER" in variants:
+        sys.path.insert(0, os.path.join(ROOT, ".peer"))
+        import flashmla_peer as peer
+        peer.load()
+    print(f"{torch.cuda.get_device_name()}, configs (b, s_k, h_q, s_q) {CONFIGS}, {ROUNDS} rounds")
+    for config in CONFIGS:
+        times = time_config(*config, variants, peer)
+        torch.cuda.empty_cache()
+        print("b={} s_k={} h_q={} s_q={}: ".format(*config) + " | ".join(
+            f"{v or '(as is)'} {statistics.median(t):.1f} (best {min(t):.1f})" for v, t in times.items()), flush=True)
+
+
+START = {n: v for n, v in os.environ.items() if n.startswith("FLASHMLA_JIT_")}
+
+if __name__ == "__main__":
+    main()
