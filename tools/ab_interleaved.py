@@ -20,7 +20,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from mla_reference import make_inputs  # noqa: E402
 
-from flashmla_jit import api, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
+from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
 
 CONFIGS = [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", "128,16384,128,2").split()]
 ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
@@ -35,6 +35,10 @@ def use_settings(variant: str):
     os.environ.update(dict(item.split("=", 1) for item in variant.split()))
     settings.get.cache_clear()
     api._plans.clear()
+    # Loaded kernels are keyed by spec, which FLASHMLA_JIT_DEFINES is not part of.
+    driver._library.cache_clear()
+    driver._functions.clear()
+    driver._configs.clear()
 
 
 def time_config(b, s_k, h_q, s_q, variants, peer):
