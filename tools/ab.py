@@ -49,7 +49,9 @@ for defines in (sys.argv[1:] or [""]) * ROUNDS:  # rounds interleave the variant
     root = defines[1:] if defines.startswith("@") else ROOT
     setting = defines[4:].split("=", 1) if defines.startswith("ENV:") else None
     env = dict(os.environ, FLASHMLA_JIT_DEFINES="" if peer or setting or root != ROOT else defines,
-               AB_PEER="1" if peer else "", **dict([setting] if setting else []))
+               AB_PEER="1" if peer else "")
+    if setting:
+        env[setting[0]] = setting[1]
     run = subprocess.run([sys.executable, "-c", PROBE.format(root=root, configs=CONFIGS)], env=env,
                          capture_output=True, text=True)
     line = next((l for l in run.stdout.splitlines() if l.startswith("RESULT")), None)

@@ -6,7 +6,8 @@ the change under test.
   AB_ROUNDS=6 AB_CONFIGS="128,16384,128,2" python tools/ab_interleaved.py "" "FLASHMLA_JIT_SEESAW=0" PEER
 A variant is "" (as is), space-separated VAR=value settings for flashmla_jit (read again
 per variant; FLASHMLA_JIT_DEFINES compiles a kernel variant), or PEER (FlashMLA from the
-git-ignored .peer/). Prints, per config, each variant's median and best of the rounds, µs.
+git-ignored .peer/). Prints, per config, each variant's median and best of the rounds, µs,
+and "differs" where its output is not the first variant's (relative error over 1e-2).
 """
 import os
 import statistics
@@ -24,6 +25,7 @@ from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata, 
 
 CONFIGS = [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", "128,16384,128,2").split()]
 ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
+START = {n: v for n, v in os.environ.items() if n.startswith("FLASHMLA_JIT_")}  # restored per variant
 
 
 def use_settings(variant: str):
@@ -42,11 +44,13 @@ def use_settings(variant: str):
 
 
 def time_config(b, s_k, h_q, s_q, variants, peer):
-    """Each variant's times (µs) over the rounds, the variants in turn within a round."""
+    """Each variant's times (µs) over the rounds, the variants in turn within a round, and
+    the variants whose output differs from the first one's."""
     q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     times = {v: [] for v in variants}
-    for _ in range(ROUNDS):
+    reference, differs = None, set()
+    for r in range(ROUNDS):
         for v in variants:
             if v == "PEER":
                 ps, pn = peer.get_mla_metadata(sl, s_q * h_q, 1)
@@ -54,9 +58,14 @@ def time_config(b, s_k, h_q, s_q, variants, peer):
             else:
                 use_settings(v)
                 call = lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
+            if r == 0:
+                out = call()[0].float()
+                reference = out if reference is None else reference
+                if ((out - reference).norm() / reference.norm()).item() > 1e-2:
+                    differs.add(v)
             times[v].append(do_bench(call, warmup=10, rep=60, return_mode="median") * 1e3)
     use_settings("")
-    return times
+    return times, differs
 
 
 def main():
@@ -68,13 +77,12 @@ def main():
         peer.load()
     print(f"{torch.cuda.get_device_name()}, configs (b, s_k, h_q, s_q) {CONFIGS}, {ROUNDS} rounds")
     for config in CONFIGS:
-        times = time_config(*config, variants, peer)
+        times, differs = time_config(*config, variants, peer)
         torch.cuda.empty_cache()
         print("b={} s_k={} h_q={} s_q={}: ".format(*config) + " | ".join(
-            f"{v or '(as is)'} {statistics.median(t):.1f} (best {min(t):.1f})" for v, t in times.items()), flush=True)
+            f"{v or '(as is)'} {statistics.median(t):.1f} (best {min(t):.1f}){' differs' if v in differs else ''}"
+            for v, t in times.items()), flush=True)
 
-
-START = {n: v for n, v in os.environ.items() if n.startswith("FLASHMLA_JIT_")}
 
 if __name__ == "__main__":
     main()
