@@ -364,14 +364,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     };
     // P (64 x 64, 16-bit) into a swizzled K-major tile for the other warpgroup's SS
     // wgmma; 8-column group j of row r sits at chunk j ^ (r % 8): conflict-free.
+    // pk[2 j] / pk[2 j + 1] are the 8 x 8 matrices (rows 0-7 / 8-15 of the warp's slice,
+    // columns 8 j ..) in fragment layout: stmatrix stores four a warp instruction (four
+    // instructions instead of 16 st.shared; FlashMLA's P store does the same). Lane l
+    // gives the address of row l % 8 of matrix l / 8: rows + 8 for odd matrices, the next
+    // column group for the upper two.
     auto store_p = [&](const u32 (&pk)[16], u32 pbase) {
-      const u32 rb = opaque(pbase + row0 * 128 + 4 * t), gx = opaque((row0 % 8) * 16);  // (row0 + 8) % 8 too
+      const u32 ltid = opaque(tid), r = (ltid / 32 % 4) * 16 + ltid % 16;  // lane % 8 + 8 ((lane / 8) % 2)
+      const u32 rb = pbase + r * 128, gx = (r % 8) * 16, hi = ltid / 16 % 2;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const u32 a = rb + ((16 * j) ^ gx);
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a), "r"(pk[2 * j]) : "memory");
-        asm volatile("st.shared.u32 [%0], %1;\n" ::"r"(a + 8 * 128), "r"(pk[2 * j + 1]) : "memory");
-      }
+      for (int jj = 0; jj < 4; ++jj)
+        stmatrix_x4(rb + ((16 * (2 * jj + hi)) ^ gx), pk[4 * jj], pk[4 * jj + 1], pk[4 * jj + 2], pk[4 * jj + 3]);
     };
     // A warpgroup's P: exp against m (row sums into l), then the block's rope sub-tile is
     // refilled (only this warpgroup's S read it), P packed for this warpgroup's RS PV and
