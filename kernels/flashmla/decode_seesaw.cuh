@@ -365,10 +365,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // P (64 x 64, 16-bit) into a swizzled K-major tile for the other warpgroup's SS
     // wgmma; 8-column group j of row r sits at chunk j ^ (r % 8): conflict-free.
     // pk[2 j] / pk[2 j + 1] are the 8 x 8 matrices (rows 0-7 / 8-15 of the warp's slice,
-    // columns 8 j ..) in fragment layout: stmatrix stores four a warp instruction (four
-    // instructions instead of 16 st.shared; FlashMLA's P store does the same). Lane l
-    // gives the address of row l % 8 of matrix l / 8: rows + 8 for odd matrices, the next
-    // column group for the upper two.
+    // columns 8 j ..) already in stmatrix's fragment layout, so one stmatrix.x4 stores four
+    // of them: 4 warp instructions instead of 16 st.shared (as FlashMLA stores P). Lane l
+    // gives the address of row l % 8 of matrix l / 8: 8 rows down for the odd matrices,
+    // the next column group for matrices 2 and 3.
     auto store_p = [&](const u32 (&pk)[16], u32 pbase) {
       const u32 ltid = opaque(tid), r = (ltid / 32 % 4) * 16 + ltid % 16;  // lane % 8 + 8 ((lane / 8) % 2)
       const u32 rb = pbase + r * 128, gx = (r % 8) * 16, hi = ltid / 16 % 2;
