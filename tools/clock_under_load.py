@@ -1,0 +1,63 @@
+"""The SM clock inside the seesaw kernel as the card heats: one call's clock (clock64
+ticks over globaltimer ns, median over CTAs) and time to the last CTA's exit, fresh, then
+after 100 / 300 / 600 calls each behind a 256 MB L2 flush (do_bench's pattern), and after
+1 s idle each time. A CTATIME build, launched with its stamp buffer in k_scale.
+
+  python tools/clock_under_load.py [B,S_K,H_Q,S_Q]     # default 128,16384,128,2
+"""
+import os
+import sys
+import time
+
+os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_CTATIME=1 " + os.environ.get("FLASHMLA_JIT_DEFINES", "")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import torch  # noqa: E402
+from mla_reference import make_inputs  # noqa: E402
+
+from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
+
+
+def main():
+    b, s_k, h_q, s_q = map(int, (sys.argv[1] if len(sys.argv) > 1 else "128,16384,128,2").split(","))
+    q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
+    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
+    arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
+    described = [api._describe_arg(x, n) if x is not None else None for x, n in zip(arrays, api._ARG_NAMES)]
+    plan = api._plan(described, 512, None, True, None, None)
+    assert plan.seesaw
+    stamps = torch.zeros(plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64,
+                         device="cuda")
+    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
+    stream = torch.cuda.current_stream().cuda_stream
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+
+    def launch():
+        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, stream)
+        launches[0][2].p.k_scale = stamps.data_ptr()
+        driver.launch_all(plan.device, launches)
+
+    def report(what):
+        torch.cuda.synchronize()
+        t = stamps.cpu().double()  # per CTA: globaltimer at entry, exit; clock64 at entry, exit
+        ghz = ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()
+        print(f"{what}: {ghz:.3f} GHz, last CTA exits {(t[:, 1].max() - t[:, 0].min()).item() / 1e3:.1f} us",
+              flush=True)
+
+    print(f"{torch.cuda.get_device_name()}, b={b} s_k={s_k} h_q={h_q} s_q={s_q}")
+    for _ in range(3):
+        launch()
+    report("fresh (third call)")
+    for calls in (100, 300, 600):
+        for _ in range(calls):
+            flush.zero_()
+            launch()
+        report(f"after {calls} flushed calls")
+        time.sleep(1.0)
+        launch()
+        report("  then after 1 s idle")
+
+
+if __name__ == "__main__":
+    main()
