@@ -14,29 +14,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
-from mla_reference import make_inputs  # noqa: E402
-
-from flashmla_jit import api, driver, get_mla_metadata  # noqa: E402
+from seesaw_probe import launcher  # noqa: E402
 
 
 def main():
     b, s_k, h_q, s_q = map(int, (sys.argv[1] if len(sys.argv) > 1 else "128,16384,128,2").split(","))
-    q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
-    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
-    arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
-    described = [api._describe_arg(x, n) if x is not None else None for x, n in zip(arrays, api._ARG_NAMES)]
-    plan = api._plan(described, 512, None, True, None, None)
-    assert plan.seesaw
-    stamps = torch.zeros(plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64,
-                         device="cuda")
-    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
-    stream = torch.cuda.current_stream().cuda_stream
+    launch, stamps = launcher(b, s_k, h_q, s_q, lambda plan: torch.zeros(
+        plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64, device="cuda"))
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
-
-    def launch():
-        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, stream)
-        launches[0][2].p.k_scale = stamps.data_ptr()
-        driver.launch_all(plan.device, launches)
 
     def report(what):
         torch.cuda.synchronize()

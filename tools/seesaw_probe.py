@@ -1,16 +1,17 @@
-"""One seesaw decode call (b requests of s_k tokens, causal, bf16) launched with a
+"""Seesaw decode calls (b requests of s_k tokens, causal, bf16) launched with a
 diagnostic buffer in k_scale, which the TRACE and CTATIME builds write to (through the
-API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py
-and tools/cta_timeline.py; import it after setting FLASHMLA_JIT_DEFINES."""
+API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py,
+tools/cta_timeline.py and tools/clock_under_load.py; import it after setting
+FLASHMLA_JIT_DEFINES."""
 import torch
 from mla_reference import make_inputs
 
 from flashmla_jit import api, driver, get_mla_metadata
 
 
-def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
-    """make_buffer(plan) -> a zeroed int64 GPU tensor; returns it after the third run
-    (caches and clocks warm), zeroed before each run."""
+def launcher(batch, s_k, h_q, s_q, make_buffer):
+    """(launch, buffer): make_buffer(plan) -> a GPU tensor; launch() queues one call with
+    the buffer in k_scale, on the current stream."""
     q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     # The plan of this call, made without a launch through the API.
@@ -20,10 +21,22 @@ def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
     assert plan.seesaw
     buffer = make_buffer(plan)
     ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
-    for _ in range(3):
-        buffer.zero_()
+
+    def launch():
+        # scratch is freed on return: the allocators are stream ordered
         _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
         launches[0][2].p.k_scale = buffer.data_ptr()
         driver.launch_all(plan.device, launches)
+
+    return launch, buffer
+
+
+def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
+    """make_buffer(plan) -> a zeroed int64 GPU tensor; returns it after the third run
+    (caches and clocks warm), zeroed before each run."""
+    launch, buffer = launcher(batch, s_k, h_q, s_q, make_buffer)
+    for _ in range(3):
+        buffer.zero_()
+        launch()
         torch.cuda.synchronize()
     return buffer
