@@ -22,8 +22,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
+from bench import env_configs, load_peer  # noqa: E402
 
-CONFIGS = [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", "128,16384,128,2").split()]
+CONFIGS = env_configs("128,16384,128,2")
 ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
 START = {n: v for n, v in os.environ.items() if n.startswith("FLASHMLA_JIT_")}  # restored per variant
 
@@ -70,11 +71,9 @@ def time_config(b, s_k, h_q, s_q, variants, peer):
 
 def main():
     variants = sys.argv[1:] or [""]
-    peer = None
-    if "PEER" in variants:
-        sys.path.insert(0, os.path.join(ROOT, ".peer"))
-        import flashmla_peer as peer
-        peer.load()
+    peer = load_peer() if "PEER" in variants else None
+    if "PEER" in variants and peer is None:
+        sys.exit("PEER asked for, but .peer/flashmla_peer.py (a local FlashMLA build) is missing")
     print(f"{torch.cuda.get_device_name()}, configs (b, s_k, h_q, s_q) {CONFIGS}, {ROUNDS} rounds")
     for config in CONFIGS:
         times, differs = time_config(*config, variants, peer)

@@ -50,6 +50,12 @@ def load_peer():
     return flashmla_peer
 
 
+def env_configs(default: str) -> list:
+    """(b, s_k, h_q, s_q) tuples from AB_CONFIGS="b,s_k,h_q,s_q ..." (else `default`), as
+    tools/ab_interleaved.py and tools/energy.py take them."""
+    return [tuple(map(int, c.split(","))) for c in os.environ.get("AB_CONFIGS", default).split()]
+
+
 PEER = None
 
 

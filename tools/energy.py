@@ -19,9 +19,9 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 import flashmla_jit  # noqa: E402
+from bench import env_configs, load_peer  # noqa: E402
 
-CONFIGS = [tuple(map(int, c.split(","))) for c in
-           os.environ.get("AB_CONFIGS", "128,16384,128,2 128,16384,128,1").split()]
+CONFIGS = env_configs("128,16384,128,2 128,16384,128,1")
 ROUNDS = int(os.environ.get("AB_ROUNDS", "3"))
 CALLS = 400
 
@@ -42,15 +42,6 @@ class Nvml:
         if self.lib.nvmlDeviceGetTotalEnergyConsumption(self.handle, ctypes.byref(value)) != 0:
             raise RuntimeError("this GPU reports no total energy")
         return value.value
-
-
-def load_peer():
-    if not os.path.exists(os.path.join(ROOT, ".peer", "flashmla_peer.py")):
-        return None
-    sys.path.insert(0, os.path.join(ROOT, ".peer"))
-    import flashmla_peer
-    flashmla_peer.load()
-    return flashmla_peer
 
 
 def measure(b, s_k, h_q, s_q, nvml, peer):
