@@ -20,12 +20,15 @@ from .tensors import Tensor, current_stream, describe, empty
 OVERHEAD_BLOCKS = 5
 
 
-def whole_slack_pct(rows: int) -> int:
-    """How much longer (%) a part may get to keep equal requests whole (metadata.cuh).
-    Up to 128 query rows per KV head a step is memory-bound: cutting b = 128 requests
-    over 132 parts cost 3-10 % (H100, docs/PERF.md); at 256 rows the 4 % of SMs left
-    idle cost as much as they would compute, so splitting wins there."""
-    return 10 if rows <= 128 else 0
+def whole_slack(rows: int) -> tuple:
+    """How much longer a part may get to keep equal requests whole (metadata.cuh): (percent,
+    blocks). Up to 128 query rows per KV head a step is memory-bound: cutting b = 128
+    requests over 132 parts cost 3-10 % (H100, docs/PERF.md). At 256 rows the 3 % of SMs
+    left idle cost as much as they would compute, while the cut requests cost a combine
+    after the decode kernel and more pieces, 15-20 us together (~12 blocks of a part's
+    work): whole requests gain 3 % at 4K and tie at 8K (8 / 16 blocks more), and lose at
+    16K (31 blocks)."""
+    return (10, 0) if rows <= 128 else (0, 12)
 
 
 def merge_by_chunks(batch: int, num_parts: int, chunk_ctas: int, decode_ctas: int) -> bool:
@@ -183,7 +186,7 @@ def get_mla_metadata(cache_seqlens, num_heads_per_head_k: int, num_heads_k: int,
 
     from . import driver
     params = MetadataParams(seqlens.ptr, active_ptr, sched_ptr, splits_ptr, batch, active, num_parts, BLOCK_N,
-                            OVERHEAD_BLOCKS, whole_slack_pct(num_heads_per_head_k))
+                            OVERHEAD_BLOCKS, *whole_slack(num_heads_per_head_k))
     driver.launch(METADATA_SPEC, device, (1, 1, 1), params, current_stream(seqlens))
     return sched, num_splits
 

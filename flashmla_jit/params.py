@@ -55,7 +55,7 @@ class MetadataParams(ctypes.Structure):
     _fields_ = [
         ("seqlens", P), ("num_seqs", P), ("sched", P), ("num_splits", P),
         ("batch", I), ("active", I), ("num_parts", I), ("block_n", I), ("overhead_blocks", I),
-        ("whole_slack_pct", I),
+        ("whole_slack_pct", I), ("whole_slack_blocks", I),
     ]
 
 

@@ -6,10 +6,11 @@ parts balanced) on this model.
 """
 
 
-def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0):
+def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, whole_slack_blocks=0):
     """Returns (sched records [num_parts][8], num_splits [batch + 1]). Requests at or past
     `active` (default: all active) are padding: no piece. A payload of whole requests is
-    taken when it is at most whole_slack_pct percent above the equal one."""
+    taken when it is at most whole_slack_pct percent or whole_slack_blocks blocks above
+    the equal one."""
     batch = len(seqlens)
     active = batch if active is None else min(max(active, 0), batch)
     blocks = [-(-max(n, 0) // block_n) if i < active else 0 for i, n in enumerate(seqlens)]
@@ -18,7 +19,7 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0):
     payload = max(1, -(-total // num_parts))
     count = sum(1 for c in costs if c > 0)
     whole = max(costs, default=0) * -(-count // num_parts)
-    if count and whole * 100 <= payload * (100 + whole_slack_pct):
+    if count and (whole * 100 <= payload * (100 + whole_slack_pct) or whole - payload <= whole_slack_blocks):
         payload = whole
     begin = [None] * (num_parts + 1)
     num_splits, start, piece_start = [], 0, 0

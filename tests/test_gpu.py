@@ -348,7 +348,7 @@ def test_graph_with_padded_batch_and_caller_metadata_buffers():
 
 def test_metadata_matches_python_model():
     from sched_model import plan
-    from flashmla_jit.api import OVERHEAD_BLOCKS, whole_slack_pct
+    from flashmla_jit.api import OVERHEAD_BLOCKS, whole_slack
     gen = torch.Generator().manual_seed(3)
     for batch, rows, h_kv, equal in [(1, 16, 1, False), (7, 128, 1, False), (128, 16, 1, False),
                                      (300, 256, 2, False), (2000, 64, 1, False), (128, 16, 1, True),
@@ -358,18 +358,19 @@ def test_metadata_matches_python_model():
             lens[:] = lens[0]
         else:
             lens[::5] = 0
-        slack = whole_slack_pct(rows)
+        pct, blocks = whole_slack(rows)
         sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv)
-        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, whole_slack_pct=slack)
+        exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, whole_slack_pct=pct,
+                                 whole_slack_blocks=blocks)
         assert ns.cpu().tolist() == exp_ns
         assert sched.cpu().tolist() == exp_sched
-        if equal and slack:
+        if equal and pct:
             assert exp_ns[-1] == batch  # no request was split
         active = batch // 3  # padding past it, counted on the GPU
         sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv, num_seqs=torch.tensor([active], device="cuda",
                                                                                       dtype=torch.int32))
         exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, active=active,
-                                 whole_slack_pct=slack)
+                                 whole_slack_pct=pct, whole_slack_blocks=blocks)
         assert (ns.cpu().tolist(), sched.cpu().tolist()) == (exp_ns, exp_sched)
 
 

@@ -68,15 +68,17 @@ def test_padding_requests_get_no_work(active):
     assert [rec[:5] for rec in sched] == [rec[:5] for rec in real]  # same plan as the real batch alone
 
 
-@pytest.mark.parametrize("lens,parts,slack,whole", [
-    ([4096] * 128, 132, 10, True),      # b = 128 on 132 parts: equal payloads would cut nearly every request
-    ([4096] * 128, 66, 10, True),       # two requests a part, 3 % above the equal payload
-    ([4096] * 128, 33, 0, False),       # compute-bound: no slack, the equal payload splits
-    ([4096] * 100, 132, 10, False),     # 32 idle parts would be 32 % of the time: split
-    ([4096] * 127 + [8192], 132, 10, False),  # one long request makes whole payloads too long
-    ([0, 4096, 0, 4096], 2, 10, True)])      # empty requests count for nothing
-def test_whole_request_payload(lens, parts, slack, whole):
-    sched, num_splits = plan(lens, parts, 64, 5, whole_slack_pct=slack)
+@pytest.mark.parametrize("lens,parts,slack,slack_blocks,whole", [
+    ([4096] * 128, 132, 10, 0, True),      # b = 128 on 132 parts: equal payloads would cut nearly every request
+    ([4096] * 128, 66, 10, 0, True),       # two requests a part, 3 % above the equal payload
+    ([4096] * 128, 33, 0, 0, False),       # no slack: the equal payload splits
+    ([4096] * 128, 33, 0, 12, True),       # compute-bound 4K: 8 blocks above the equal payload
+    ([16384] * 128, 33, 0, 12, False),     # compute-bound 16K: 31 blocks above, split
+    ([4096] * 100, 132, 10, 0, False),     # 32 idle parts would be 32 % of the time: split
+    ([4096] * 127 + [8192], 132, 10, 0, False),  # one long request makes whole payloads too long
+    ([0, 4096, 0, 4096], 2, 10, 0, True)])      # empty requests count for nothing
+def test_whole_request_payload(lens, parts, slack, slack_blocks, whole):
+    sched, num_splits = plan(lens, parts, 64, 5, whole_slack_pct=slack, whole_slack_blocks=slack_blocks)
     nonempty = sum(1 for n in lens if n > 0)
     assert (num_splits[-1] == nonempty) == whole
     total = sum(-(-n // 64) + 5 for n in lens if n > 0)
@@ -84,6 +86,6 @@ def test_whole_request_payload(lens, parts, slack, whole):
     for part, req, lo, hi, split in pieces_of(sched, num_splits, lens, 64):
         load[part] += hi - lo + 5
     equal_payload = -(-total // parts)
-    assert max(load) <= equal_payload * (100 + slack) / 100 + 2 * 5
+    assert max(load) <= max(equal_payload * (100 + slack) / 100, equal_payload + slack_blocks) + 2 * 5
     done = sorted((req, blk) for _, req, lo, hi, _ in pieces_of(sched, num_splits, lens, 64) for blk in range(lo, hi))
     assert done == [(r, b) for r, n in enumerate(lens) for b in range(-(-n // 64))]

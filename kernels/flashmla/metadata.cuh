@@ -10,9 +10,10 @@
 // `active`, so no part reaches a padding request.
 // Equal requests a little fewer than the parts (b = 128 on 132 SMs) would all be cut in
 // two by equal payloads; a payload of whole requests (the largest cost times requests
-// per part) keeps them whole instead, when it is at most whole_slack_pct percent above
-// the equal one. Memory-bound steps gain 3-10 % that way (the pieces' fixed costs and
-// the combine go away, and idle SMs cost no bandwidth); compute-bound ones pass 0.
+// per part) keeps them whole instead, when it is at most whole_slack_pct percent or
+// whole_slack_blocks blocks above the equal one. Memory-bound steps gain 3-10 % that way
+// (the pieces' fixed costs and the combine go away, and idle SMs cost no bandwidth);
+// compute-bound ones only when the few blocks more cost less than the combine.
 #pragma once
 #include "params.cuh"
 
@@ -82,7 +83,9 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   const int max_cost = block_max(local_max, warp_sums);
   int payload = max(1, (total + parts - 1) / parts);
   const long long whole = (long long)max_cost * ((count + parts - 1) / parts);
-  if (count > 0 && whole * 100 <= (long long)payload * (100 + p.whole_slack_pct)) payload = (int)whole;
+  if (count > 0 && (whole * 100 <= (long long)payload * (100 + p.whole_slack_pct) ||
+                    whole - payload <= p.whole_slack_blocks))
+    payload = (int)whole;
 
   // Pass 2: positions on the cost line, pieces per request, and the cut points.
   int cost_carry = 0, piece_carry = 0;

@@ -102,7 +102,8 @@ struct MetadataParams {
   i64 num_parts;
   i64 block_n;                // tokens per block in the decode kernel
   i64 overhead_blocks;        // fixed cost of one piece, in blocks
-  i64 whole_slack_pct;        // payload may grow this much (%) to keep equal requests whole
+  i64 whole_slack_pct;        // payload may grow this much (%) to keep equal requests whole,
+  i64 whole_slack_blocks;     // or this many blocks
 };
 
 }  // namespace flashmla
