@@ -6,7 +6,10 @@ FlashMLA is timed beside ours when .peer/flashmla_peer.py exists (a local build 
 FlashMLA in a git-ignored folder; never committed). Ceilings: device-to-device copy
 (bytes read + written), a large read (sum over 4 GiB), bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
 computed once per step and reused by all layers, so it is timed apart) with triton's
-do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison.
+do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison. Ours
+and FlashMLA are timed in turn over BENCH_ROUNDS rounds (default 3) and each reported as
+the median of its rounds: under sustained load the SM clock drifts with power and heat
+(docs/PERF.md, v12), by more than the gaps between the two.
 FLOPs and bytes as in DESIGN.md section 6 (FP8 caches: the bytes read, 576 or 656 per
 token). Also: cold compile, warm-cache first call in a new process, host overhead per
 call with the GPU busy.
@@ -16,6 +19,7 @@ import argparse
 import compileall
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,10 +61,20 @@ def env_configs(default: str) -> list:
 
 
 PEER = None
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 
 
 def bench_ms(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def interleaved_us(fns):
+    """Each fn's median time (µs) over ROUNDS rounds, the fns in turn within a round."""
+    times = [[] for _ in fns]
+    for _ in range(ROUNDS):
+        for t, fn in zip(times, fns):
+            t.append(bench_ms(fn) * 1e3)
+    return [statistics.median(t) for t in times]
 
 
 def b2b_us(call, calls=10):
@@ -124,18 +138,11 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     call = lambda: flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, splits, causal=True,
                                           k_scale=k_scale)
     # Small batches run for tens of microseconds: time graph replays, or host launch time leaks in.
-    t_ms = bench_ms(capture_graph(call)[0] if graph else call)
-    meta_ms = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))
+    timed = lambda fn: capture_graph(fn)[0] if graph else fn
     total = sum(lens)
     flops = s_q * total * h_q * (576 + 512) * 2
     nbytes = total * KV_TOKEN_BYTES[kv_format] + batch * s_q * h_q * (576 + 512) * 2
-    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "kv": kv_format,
-           "us": t_ms * 1e3,
-           "tflops": flops / t_ms / 1e9, "gbs": nbytes / t_ms / 1e6, "meta_us": meta_ms * 1e3}
-    if seesaw_fits(512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
-        row["cp_async_us"] = _with_seesaw_off(lambda: bench_ms(capture_graph(call)[0] if graph else call)) * 1e3
-    if graph:  # also per call over back-to-back calls, as a model's decode steps issue them
-        row["b2b_us"] = b2b_us(call)
+    row = {"b": batch, "s_k": s_k, "h_q": h_q, "s_q": s_q, "varlen": varlen, "page": page_size, "kv": kv_format}
     if PEER is not None and page_size == 64 and kv_format == "same":  # FlashMLA: bf16, 64-token pages
         p_sched, p_splits = PEER.get_mla_metadata(seqlens, s_q * h_q, 1)
         peer_call = lambda: PEER.flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, p_sched, p_splits,
@@ -143,9 +150,17 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
         out, _ = call()
         peer_out, _ = peer_call()
         row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
-        row["flashmla_us"] = bench_ms(capture_graph(peer_call)[0] if graph else peer_call) * 1e3
+        row["us"], row["flashmla_us"] = interleaved_us([timed(call), timed(peer_call)])
+        if graph:  # also per call over back-to-back calls, as a model's decode steps issue them
+            row["b2b_us"], row["flashmla_b2b_us"] = b2b_us(call), b2b_us(peer_call)
+    else:
+        row["us"], = interleaved_us([timed(call)])
         if graph:
-            row["flashmla_b2b_us"] = b2b_us(peer_call)
+            row["b2b_us"] = b2b_us(call)
+    row["tflops"], row["gbs"] = flops / row["us"] / 1e6, nbytes / row["us"] / 1e3
+    row["meta_us"] = bench_ms(lambda: get_mla_metadata(seqlens, s_q * h_q, 1)) * 1e3
+    if seesaw_fits(512, kv_format, page_size):  # the same call on the 16/32/64-row cp.async kernels
+        row["cp_async_us"] = _with_seesaw_off(lambda: bench_ms(timed(call))) * 1e3
     if with_eager and not varlen and kv_format == "same":
         try:
             row["eager_us"] = bench_ms(lambda: eager_mla(q, k_cache, block_table, s_k, True)) * 1e3
