@@ -77,8 +77,8 @@ def describe(x, name: str) -> Tensor:
     if kind is None and hasattr(x, "__dlpack__"):
         device_type = x.__dlpack_device__()[0] if hasattr(x, "__dlpack_device__") else None
         if device_type not in (_DLPACK_CUDA, None):
-            raise ValueError(f"{name} must be on a CUDA device, got a {type(x).__module__}.{type(x).__name__} "
-                             f"on DLPack device type {int(device_type)}")
+            what = f"{type(x).__module__}.{type(x).__name__}"
+            raise ValueError(f"{name} must be on a CUDA device, got a {what} on DLPack device type {int(device_type)}")
         if "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None:
             import cupy
             x, kind = cupy.from_dlpack(x), "cupy"
