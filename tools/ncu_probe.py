@@ -1,6 +1,6 @@
-"""A decode step for ncu to profile: b = 128, s_k = 16384, causal, bf16.
+"""A decode step for ncu to profile: b = 128, s_k = 16384 (or B, S_K), causal, bf16.
 
-  ncu -k regex:decode -s 2 -c 1 --section WarpStateStats python tools/ncu_probe.py H_Q S_Q
+  ncu -k regex:decode -s 2 -c 1 --section WarpStateStats python tools/ncu_probe.py H_Q S_Q [B S_K]
   (add --page source --print-source sass --csv for stall samples per SASS instruction)
   NCU_PEER=1: FlashMLA from .peer/ (git-ignored) instead, kernel regex:splitkv_mla
 """
@@ -17,7 +17,8 @@ from mla_reference import make_inputs  # noqa: E402
 import flashmla_jit  # noqa: E402
 
 h_q, s_q = int(sys.argv[1]), int(sys.argv[2])
-q, k_cache, block_table, seqlens = make_inputs(128, s_q, h_q, 1, [16384] * 128, nan_tail=False)
+batch, s_k = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (128, 16384)
+q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
 api = flashmla_jit
 if os.environ.get("NCU_PEER"):
     sys.path.insert(0, os.path.join(ROOT, ".peer"))
