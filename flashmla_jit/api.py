@@ -26,8 +26,8 @@ def whole_slack(rows: int) -> tuple:
     requests over 132 parts cost 3-10 % (H100, docs/PERF.md). At 256 rows the 3 % of SMs
     left idle cost as much as they would compute, while the cut requests cost a combine
     after the decode kernel and more pieces, 15-20 us together (~12 blocks of a part's
-    work): whole requests gain 3 % at 4K and tie at 8K (8 / 16 blocks more), and lose at
-    16K (31 blocks)."""
+    work): whole requests gained 3 % at 4K and tied at 8K (8 / 16 blocks more), and lost
+    2-3 % at 16K (31 blocks; PERF.md v11, v13)."""
     return (10, 0) if rows <= 128 else (0, 12)
 
 
