@@ -14,20 +14,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
-from seesaw_probe import launcher  # noqa: E402
+from seesaw_probe import cta_stamps, launcher, stamp_ghz  # noqa: E402
 
 
 def main():
     b, s_k, h_q, s_q = map(int, (sys.argv[1] if len(sys.argv) > 1 else "128,16384,128,2").split(","))
-    launch, stamps = launcher(b, s_k, h_q, s_q, lambda plan: torch.zeros(
-        plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64, device="cuda"))
+    launch, stamps = launcher(b, s_k, h_q, s_q, cta_stamps)
     flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
     def report(what):
         torch.cuda.synchronize()
         t = stamps.cpu().double()  # per CTA: globaltimer at entry, exit; clock64 at entry, exit
-        ghz = ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()
-        print(f"{what}: {ghz:.3f} GHz, last CTA exits {(t[:, 1].max() - t[:, 0].min()).item() / 1e3:.1f} us",
+        print(f"{what}: {stamp_ghz(t):.3f} GHz, last CTA exits {(t[:, 1].max() - t[:, 0].min()).item() / 1e3:.1f} us",
               flush=True)
 
     print(f"{torch.cuda.get_device_name()}, b={b} s_k={s_k} h_q={h_q} s_q={s_q}")

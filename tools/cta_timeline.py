@@ -14,19 +14,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import torch  # noqa: E402
-from seesaw_probe import run_with_buffer  # noqa: E402
+from seesaw_probe import cta_stamps, run_with_buffer, stamp_ghz  # noqa: E402
 
 REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last slots); stamps each
 
 
 def timeline(batch, s_k, h_q, s_q):
-    stamps = run_with_buffer(batch, s_k, h_q, s_q, lambda plan: torch.zeros(
-        plan.decode_grid[0] * plan.decode_grid[1] * plan.decode_grid[2], 32, dtype=torch.int64, device="cuda"))
-    return stamps.cpu().double()
+    return run_with_buffer(batch, s_k, h_q, s_q, cta_stamps).cpu().double()
 
 
 def report(t, config):
-    ghz = ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()  # clock64 ticks per ns
+    ghz = stamp_ghz(t)
     exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
     print(f"b={config[0]} s_k={config[1]} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
           f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us; "

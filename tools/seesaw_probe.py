@@ -3,6 +3,8 @@ diagnostic buffer in k_scale, which the TRACE and CTATIME builds write to (throu
 API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py,
 tools/cta_timeline.py and tools/clock_under_load.py; import it after setting
 FLASHMLA_JIT_DEFINES."""
+import math
+
 import torch
 from mla_reference import make_inputs
 
@@ -29,6 +31,16 @@ def launcher(batch, s_k, h_q, s_q, make_buffer):
         driver.launch_all(plan.device, launches)
 
     return launch, buffer
+
+
+def cta_stamps(plan):
+    """The CTATIME build's buffer: 32 int64 stamps per CTA of the decode grid."""
+    return torch.zeros(math.prod(plan.decode_grid), 32, dtype=torch.int64, device="cuda")
+
+
+def stamp_ghz(t) -> float:
+    """SM clock from CTATIME stamps (clock64 ticks over globaltimer ns), median over CTAs."""
+    return ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()
 
 
 def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
