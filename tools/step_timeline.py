@@ -3,6 +3,9 @@ graph under torch.profiler; per config the period between calls, the decode kern
 duration and how long the merge (combine) kernel runs on after it.
 
   python tools/step_timeline.py        # h_kv = 1, s_q = 1, causal, bf16
+  STEP_CONFIGS="4,32768,128,0 128,8192,64,1" python tools/step_timeline.py   # b,s_k,h_q,varlen
+FlashMLA (from the git-ignored .peer/, as tools/bench.py loads it) is timed the same way
+beside ours where it is there.
 """
 import os
 import statistics
@@ -14,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
+from bench import load_peer  # noqa: E402
 from mla_reference import capture_graph, make_inputs  # noqa: E402
 
 import flashmla_jit  # noqa: E402
@@ -22,12 +26,17 @@ CONFIGS = [  # batch, s_k, h_q, varlen (normal(s_k, s_k / 2), clipped, as tools/
     (1, 32768, 16, False), (1, 131072, 16, False), (1, 131072, 128, False), (4, 131072, 16, False),
     (16, 131072, 16, False), (128, 4096, 16, False), (128, 8192, 64, True),
 ]
+if os.environ.get("STEP_CONFIGS"):
+    CONFIGS = [(b, s_k, h_q, bool(var)) for b, s_k, h_q, var in
+               (map(int, c.split(",")) for c in os.environ["STEP_CONFIGS"].split())]
+# (name, module, decode kernel name part, merge kernel name part)
+IMPLS = [("ours", flashmla_jit, "decode", "combine")]
 CALLS = 10
 TOKEN_BYTES = 576 * 2
 
 
-def kernel_times(call):
-    """GPU (start, end) in µs of each decode and combine kernel of CALLS replayed calls."""
+def kernel_times(call, decode_name: str, merge_name: str):
+    """GPU (start, end) in µs of each decode and merge kernel of CALLS replayed calls."""
     for _ in range(3):  # compile, load, warm the caches
         call()
     replay, _ = capture_graph(lambda: [call() for _ in range(CALLS)])
@@ -38,10 +47,17 @@ def kernel_times(call):
     events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA),
                     key=lambda e: e.time_range.start)
     pick = lambda name: [(e.time_range.start, e.time_range.end) for e in events if name in e.name]
-    return pick("decode"), pick("combine")
+    decode, merge = pick(decode_name), pick(merge_name)
+    if len(decode) != CALLS or len(merge) != CALLS:
+        raise RuntimeError(f"want {CALLS} kernels named *{decode_name}* and *{merge_name}*, got "
+                           f"{sorted(set(e.name for e in events))}")
+    return decode, merge
 
 
 def main():
+    peer = load_peer()
+    if peer is not None:
+        IMPLS.append(("FlashMLA", peer, "splitkv_mla", "combine"))
     gen = torch.Generator().manual_seed(1)
     print(f"{torch.cuda.get_device_name()}: {CALLS} back-to-back calls in one graph, µs (the first call left out)")
     for batch, s_k, h_q, varlen in CONFIGS:
@@ -50,15 +66,16 @@ def main():
         else:
             lens = [s_k] * batch
         q, k_cache, block_table, seqlens = make_inputs(batch, 1, h_q, 1, lens, nan_tail=False)
-        sched, splits = flashmla_jit.get_mla_metadata(seqlens, h_q, 1)
-        decode, combine = kernel_times(lambda: flashmla_jit.flash_mla_with_kvcache(
-            q, k_cache, block_table, seqlens, 512, sched, splits, causal=True))
-        period = (decode[-1][0] - decode[1][0]) / (len(decode) - 2)
-        duration = statistics.median(end - start for start, end in decode[1:])
-        tail = statistics.median(c_end - d_end for (_, d_end), (_, c_end) in zip(decode[1:], combine[1:]))
-        gbs = sum(lens) * TOKEN_BYTES / period / 1e3
-        print(f"b={batch:<4} s_k={s_k:<7} h_q={h_q:<4} {'var' if varlen else 'fix'}: period {period:7.1f} "
-              f"({gbs:5.0f} GB/s) | decode {duration:7.1f} | merge runs on {tail:5.1f}")
+        for name, impl, decode_name, merge_name in IMPLS:
+            sched, splits = impl.get_mla_metadata(seqlens, h_q, 1)
+            decode, combine = kernel_times(lambda: impl.flash_mla_with_kvcache(
+                q, k_cache, block_table, seqlens, 512, sched, splits, causal=True), decode_name, merge_name)
+            period = (decode[-1][0] - decode[1][0]) / (len(decode) - 2)
+            duration = statistics.median(end - start for start, end in decode[1:])
+            tail = statistics.median(c_end - d_end for (_, d_end), (_, c_end) in zip(decode[1:], combine[1:]))
+            gbs = sum(lens) * TOKEN_BYTES / period / 1e3
+            print(f"b={batch:<4} s_k={s_k:<7} h_q={h_q:<4} {'var' if varlen else 'fix'} {name:8s}: period "
+                  f"{period:7.1f} ({gbs:5.0f} GB/s) | decode {duration:7.1f} | merge runs on {tail:5.1f}")
         del q, k_cache
         torch.cuda.empty_cache()
 
