@@ -471,6 +471,8 @@ class _DecodePlan:
         if new_lse:
             lse_ptr = _ptr(lse)
         o_accum = _ptr(scratch)
+        if o_accum % 128:  # the merge drops partials from L2 by whole 128-byte lines (combine.cuh)
+            raise RuntimeError(f"flashmla_jit: split-KV scratch at 0x{o_accum:x} is not 128-byte aligned")
         lse_accum = o_accum + self.partial_rows * self.head_dim_v * 4
         if not self.q_pe_split:
             q_pe = q_ptr + 2 * self.head_dim_v

@@ -254,6 +254,22 @@ def test_repeated_signature_reads_each_calls_pointers():
             assert_close(out_copy, lse_copy, ref_out, ref_lse, f"repeated call b={batch} h_q={h_q}")
 
 
+def test_back_to_back_split_calls_each_merge_their_own_partials():
+    # Split pieces keep their partials in L2 and the merge drops each line after reading
+    # it (no write-back): calls queued back to back reuse the same scratch lines, and each
+    # merge must read its own call's partials, never a dropped line's older contents.
+    for batch, h_q, lens in ((2, 128, [8192, 5000]), (64, 64, None)):  # a CTA per chunk, a warp per row
+        lens = lens or torch.randint(1, 3000, (batch,)).tolist()
+        _, k_cache, block_table, seqlens = make_inputs(batch, 1, h_q, 1, lens)
+        sched, ns = get_mla_metadata(seqlens, h_q, 1)
+        queries = [torch.randn(batch, 1, h_q, 576, dtype=torch.bfloat16, device="cuda") for _ in range(3)]
+        results = [flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, ns) for q in queries]
+        assert ns.diff().max().item() > 1, "the case must split requests"
+        for i, (q, (out, lse)) in enumerate(zip(queries, results)):
+            ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512)
+            assert_close(out, lse, ref_out, ref_lse, f"back-to-back call {i} b={batch} h_q={h_q}")
+
+
 def test_misaligned_q_is_refused_on_the_cached_path():
     q, k_cache, block_table, seqlens = make_inputs(2, 1, 16, 1, [100, 200])
     sched, ns = get_mla_metadata(seqlens, 16, 1)

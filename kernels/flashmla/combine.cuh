@@ -75,6 +75,19 @@ __device__ __forceinline__ void sum_chunks(const CombineRow& row, int dv, int ch
         acc[c].z += wi * v[i][c].z; acc[c].w += wi * v[i][c].w;
       }
     }
+    // Each partial line is read by this warp alone, once: drop it from L2 so that it is
+    // never written back (the decode kernel kept it there, decode_seesaw.cuh). Lanes
+    // 8 l .. 8 l + 7 read one 128-byte line (the partials start 128-byte aligned); the
+    // warp's loads have completed, since every lane used its values above.
+    if (lane % 8 == 0) {
+#pragma unroll
+      for (int i = 0; i < kInFlight; ++i) {
+        const int kk = k + i * step;
+        if (kk < n)
+#pragma unroll
+          for (int c = 0; c < kChunks; ++c) discard_l2_line(base + kk * row.piece_stride * dv + c * kChunkCols);
+      }
+    }
   }
 }
 

@@ -688,9 +688,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         } else {  // one piece of a split request: fp32 partial, lse in the log2 domain
           const i64 prow = ((i64)split * p.h_kv + head_kv) * p.rows + r;
           float* dst = p.o_accum + prow * kDV + wg * 256 + 2 * t;
+          // Kept in L2 (evict_last) for the merge, which reads each line once and then
+          // discards it: no DRAM write or read for partials that stay (combine.cuh). A
+          // row this piece saw no key of goes unread when no piece saw one: evict first.
+          const u64 policy = empty[h] ? l2_evict_first_policy() : l2_evict_last_policy();
 #pragma unroll
           for (int j = 0; j < 32; ++j)
-            *(float2*)(dst + 8 * j) = make_float2(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h]);
+            st_global_f2_hint(dst + 8 * j, o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h], policy);
           if (wg == 0 && t == 0)
             p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
         }

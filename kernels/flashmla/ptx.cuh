@@ -147,6 +147,26 @@ __device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32
 __device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
 }
+// L2 eviction priorities for stores: evict_last lines (kept until a later kernel reads
+// them) go after every evict_normal line; evict_first lines go first.
+__device__ __forceinline__ u64 l2_evict_last_policy() {
+  u64 policy;
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ u64 l2_evict_first_policy() {
+  u64 policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ void st_global_f2_hint(float* ptr, float a, float b, u64 policy) {
+  asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;\n" ::"l"(ptr), "f"(a), "f"(b), "l"(policy) : "memory");
+}
+// Drop a 128-byte L2 line (128-byte aligned) without writing it back: its contents
+// become undefined, and a dirty line costs no DRAM write.
+__device__ __forceinline__ void discard_l2_line(const void* ptr) {
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(ptr) : "memory");
+}
 
 // ---- wgmma (sm_90a): warpgroup MMA, B (and A for _ss) in shared memory ---------------
 // Descriptors: bits 0-13 start address >> 4, 16-29 leading-dimension byte offset >> 4,
