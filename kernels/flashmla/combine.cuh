@@ -8,7 +8,8 @@
 //   merges one 128-column chunk of one row; its 8 warps take every 8th piece, each lane
 //   loading 4 pieces before it adds any, so ~32 loads of a row are in flight per CTA,
 //   and the warps' sums meet in shared memory.
-// Requests that ran as a single piece were written by the decode kernel and are
+// Partials are read once and then dropped from L2 (discard), so they cost no DRAM
+// write-back. Requests that ran as a single piece were written by the decode kernel and are
 // skipped; requests with no piece (seqlen 0) get out = 0 and lse = +inf here, so every
 // output of an active request is always written. Padding requests (at or past the
 // active count in the scheduler records) are never written.
@@ -76,9 +77,10 @@ __device__ __forceinline__ void sum_chunks(const CombineRow& row, int dv, int ch
       }
     }
     // Each partial line is read by this warp alone, once: drop it from L2 so that it is
-    // never written back (the decode kernel kept it there, decode_seesaw.cuh). Lanes
-    // 8 l .. 8 l + 7 read one 128-byte line (the partials start 128-byte aligned); the
-    // warp's loads have completed, since every lane used its values above.
+    // never written back (the seesaw decode kernel stores partials evict_last to keep them
+    // there until now). Lanes 8 l .. 8 l + 7 read one 128-byte line (the partials start
+    // 128-byte aligned, api.py checks); the warp's loads have completed, since every lane
+    // used its values above.
     if (lane % 8 == 0) {
 #pragma unroll
       for (int i = 0; i < kInFlight; ++i) {
