@@ -25,8 +25,8 @@ def launcher(batch, s_k, h_q, s_q, make_buffer):
     ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
 
     def launch():
-        # scratch is freed on return: the allocators are stream ordered
-        _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
+        # out, lse and scratch are freed on return, after the launches: the allocators are stream ordered
+        out, lse, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
         launches[0][2].p.k_scale = buffer.data_ptr()
         driver.launch_all(plan.device, launches)
 
