@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, MAX_PARTS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
-                   decode_spec, seesaw_fits, tile_rows_for)
+from .spec import (BLOCK_N, MAX_PARTS, MERGE_CHUNKS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS,
+                   combine_spec, decode_spec, seesaw_fits, tile_rows_for)
 from .params import CombineParams, DecodeParams, SeesawParams
 from .tensors import Tensor, current_stream, describe, empty
 
@@ -31,14 +31,18 @@ def whole_slack(rows: int) -> tuple:
     return (10, 0) if rows <= 128 else (0, 12)
 
 
-def merge_by_chunks(batch: int, num_parts: int, chunk_ctas: int, decode_ctas: int) -> bool:
-    """Which combine grid finishes first after the decode kernel. Measured on the H100
-    (docs/PERF.md, v11): a warp per row walks its request's pieces two at a time, ~0.5 us
-    per piece on top of ~5 us; a CTA per chunk takes ~3.5 us plus ~4.7 us per wave of 8
-    CTAs per SM (the decode grid has one CTA per SM)."""
+def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int, sms: int) -> int:
+    """The combine grid (KernelSpec.merge_chunks): 0 = a warp per row, else a CTA per row
+    and this many 128-column chunks, the most that keep all of a request's pieces in
+    flight in one round of loads. Chosen by a cost fitted on the H100 (docs/PERF.md,
+    v15): a warp per row takes ~5 us + 0.5 us per piece after the decode kernel; the CTA
+    grid ~3 us + 2.2 us per wave of 2 CTAs an SM (b = 16 h128: 7.5 against 20.3 us; b = 4
+    h128: 12 against 7.6; b = 16 h16: 7.2 against 3.3)."""
     pieces = -(-num_parts // batch) + 1  # each cut between parts adds at most one
-    waves = chunk_ctas / (8 * decode_ctas)
-    return 5 + 0.5 * pieces > 3.5 + 4.7 * waves
+    chunks = max((g for g in MERGE_CHUNKS if head_dim_v // 128 % g == 0 and 8 * (MERGE_LOADS // g) >= pieces),
+                 default=1)
+    waves = batch * h_kv * rows * (head_dim_v // 128 // chunks) / (2 * sms)
+    return chunks if 5 + 0.5 * pieces > 3 + 2.2 * waves else 0
 
 
 # ---- validation helpers: each error names the argument, what it got and what it needs ----
@@ -422,15 +426,15 @@ class _DecodePlan:
         if self.seesaw:
             self.decode_params = SeesawParams(p=self.decode_params)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
-        # Combine grid: a warp per row (8 rows a CTA), or a CTA per 128-column chunk of a
-        # row when requests split into so many pieces that a warp's walk over them is slower.
-        decode_ctas = math.prod(self.decode_grid)
-        chunked = merge_by_chunks(batch, num_parts, batch * h_kv * rows * (head_dim_v // 128), decode_ctas)
-        self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v)
+        # Combine grid: a warp per row (8 rows a CTA), or a CTA per row (or per part of a
+        # row) when requests split into so many pieces that a warp's walk is slower.
+        decode_ctas = math.prod(self.decode_grid)  # one a SM
+        chunks = merge_grid(batch, h_kv, rows, num_parts, head_dim_v, decode_ctas)
+        self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v, chunks)
         self.combine_params = CombineParams(
             *([0] * 7),  # pointers: filled per call
-            *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows, int(chunked))
-        per_head = rows * (head_dim_v // 128) if chunked else math.ceil(rows / 8)
+            *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows)
+        per_head = rows * (head_dim_v // 128 // chunks) if chunks else math.ceil(rows / 8)
         self.combine_grid = (batch * h_kv * per_head, 1, 1)
         # Per call only the pointers change: they are packed into a copy of a template.
         from .params import COMBINE_POINTERS, DECODE_POINTERS, PointerPacker

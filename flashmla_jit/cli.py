@@ -70,7 +70,7 @@ def select_specs(args) -> list:
                     # FlashMLA's 64-token pages (and multiples) run the seesaw kernel
                     if specs.seesaw_fits(dv, kv, specs.BLOCK_N):
                         out.append(specs.decode_spec(dtype, d, dv, c, s_q, rows[0], kv, True))
-            out.append(specs.combine_spec(dtype, d, dv))
+            out += specs.combine_specs(dtype, d, dv)
     return list(dict.fromkeys(out))
 
 

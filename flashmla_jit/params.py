@@ -47,7 +47,6 @@ class CombineParams(ctypes.Structure):
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
         ("lse_batch_stride", I), ("lse_head_stride", I), ("lse_seq_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I), ("heads_per_kv", I), ("rows", I),
-        ("chunked", I),
     ]
 
 

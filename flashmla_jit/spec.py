@@ -35,7 +35,9 @@ FP8_MAX_TILE_ROWS = 32
 TILE_ROWS = (16, 32, 64)  # query-tile heights of the decode kernel (tile_rows_for picks one)
 BLOCK_N = 64            # KV tokens per main-loop block
 DECODE_THREADS = 256
-COMBINE_THREADS = 256   # one output row per CTA, its pieces split over 8 warps
+COMBINE_THREADS = 256   # 8 warps: 8 rows a CTA, or one row's pieces split over them
+MERGE_CHUNKS = (1, 2, 4)  # 128-column chunks a CTA of the many-pieces merge takes
+MERGE_LOADS = 18        # 16-byte loads a lane of it holds in flight (kMergeLoads)
 METADATA_THREADS = 1024
 MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
 
@@ -51,6 +53,8 @@ class KernelSpec:
     kv_format: str = "same"   # decode only: KV cache format (KV_FORMATS)
     seesaw: bool = False      # decode only: the 64-row seesaw kernel with TMA loads
                               # (decode_seesaw.cuh; pages of whole 64-token blocks)
+    merge_chunks: int = 0     # combine only: 0 = a warp per row (few pieces a request), else
+                              # a CTA per this many 128-column chunks of a row (many pieces)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -72,6 +76,10 @@ class KernelSpec:
         if self.seesaw and not (self.kind == "decode" and self.tile_rows == 64 and self.kv_format == "same"
                                 and self.head_dim_v == 512):
             raise ValueError("seesaw is a decode kernel for 64-row tiles, head_dim_v 512 and a 16-bit cache")
+        if self.merge_chunks and not (self.kind == "combine" and self.merge_chunks in MERGE_CHUNKS
+                                      and self.head_dim_v // 128 % self.merge_chunks == 0):
+            raise ValueError(f"merge_chunks is a combine choice, one of {MERGE_CHUNKS} dividing "
+                             f"head_dim_v / 128 = {self.head_dim_v // 128}; got {self.merge_chunks} for {self.kind}")
         allowed = tile_rows_allowed(self.head_dim_v, self.kv_format)
         if self.kind == "decode" and self.tile_rows not in allowed:
             raise ValueError(f"tile_rows must be one of {allowed} for head_dim_v={self.head_dim_v} and "
@@ -94,7 +102,7 @@ class KernelSpec:
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
         if self.kind == "combine":
-            return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}>"
+            return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}, {self.merge_chunks}>"
         return "&flashmla::metadata_kernel"
 
     @property
@@ -116,6 +124,8 @@ class KernelSpec:
                 parts.append("causal")
             if self.kv_format != "same":
                 parts.append(f"kv_{self.kv_format}")
+        if self.merge_chunks:
+            parts.append(f"c{self.merge_chunks}")
         return ".".join(parts)
 
     # ---- launch configuration ----------------------------------------------------------
@@ -186,8 +196,14 @@ def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: i
 
 
 @functools.cache
-def combine_spec(dtype: str, head_dim: int, head_dim_v: int) -> KernelSpec:
-    return KernelSpec("combine", dtype, head_dim, head_dim_v)
+def combine_spec(dtype: str, head_dim: int, head_dim_v: int, merge_chunks: int = 0) -> KernelSpec:
+    return KernelSpec("combine", dtype, head_dim, head_dim_v, merge_chunks=merge_chunks)
+
+
+def combine_specs(dtype: str, head_dim: int, head_dim_v: int) -> list:
+    """Every merge grid a step may pick (api.merge_grid: it depends on the batch)."""
+    return [combine_spec(dtype, head_dim, head_dim_v, g)
+            for g in (0, *MERGE_CHUNKS) if g == 0 or head_dim_v // 128 % g == 0]
 
 
 METADATA_SPEC = KernelSpec("metadata")
@@ -210,7 +226,7 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
                 out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
                 if m == 64 and seesaw_fits(dv, kv, BLOCK_N):
                     out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True))
-        out.append(combine_spec(dtype, d, dv))
+        out.extend(combine_specs(dtype, d, dv))
     return list(dict.fromkeys(out))
 
 

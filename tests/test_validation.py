@@ -256,18 +256,28 @@ def test_plan_fills_every_size_and_stride():
         assert (p.o_batch_stride, p.o_seq_stride, p.o_head_stride) == (3 * 16 * 512, 16 * 512, 512)
         assert (p.lse_batch_stride, p.lse_head_stride, p.lse_seq_stride) == (48, 3, 1)
         assert (p.batch, p.s_q, p.h_q, p.h_kv, p.heads_per_kv) == (2, 3, 16, 1, 16)
-    assert cp.rows == 48 and cp.chunked == 1  # 132 parts for 2 requests: many pieces each
-    assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 4, 1, 1)
+    # 132 parts for 2 requests: 67 pieces each, merged by a CTA per half row (2 chunks)
+    assert cp.rows == 48 and plan.combine_spec.merge_chunks == 2
+    assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 2, 1, 1)
 
 
-@pytest.mark.parametrize("batch,num_parts,rows,chunks", [(1, 132, 16, True), (2, 66, 128, True), (16, 132, 16, True),
-                                                     (8, 66, 128, False), (16, 66, 128, False), (32, 132, 16, False),
-                                                     (128, 66, 128, False)])
+@pytest.mark.parametrize("batch,num_parts,rows,chunks", [(1, 132, 16, 1), (1, 66, 128, 2), (4, 132, 16, 2),
+                                                     (4, 66, 128, 4), (16, 132, 16, 4), (16, 66, 128, 0),
+                                                     (32, 66, 128, 0), (128, 132, 64, 0)])
 def test_merge_grid_is_the_faster_one_measured(batch, num_parts, rows, chunks):
-    # H100 merge tails after the decode kernel (docs/PERF.md v11), e.g. b = 16 h128: a warp
-    # per row 9.0 us, a CTA per chunk 42.8; b = 1 h16: 30.7 against 6.9.
+    # H100 merge tails after the decode kernel (docs/PERF.md v15), e.g. b = 16 h128: a warp
+    # per row 7.5 us, a CTA per row 20.3; b = 4 h128: 12.0 against 7.6.
     decode_ctas = num_parts * max(1, rows // 64)
-    assert api.merge_by_chunks(batch, num_parts, batch * rows * 4, decode_ctas) == chunks
+    assert api.merge_grid(batch, 1, rows, num_parts, 512, decode_ctas) == chunks
+
+
+@pytest.mark.parametrize("pieces_per_request", [2, 30, 60, 130, 300])
+def test_many_pieces_grid_holds_a_request_in_one_round_when_it_can(pieces_per_request):
+    chunks = api.merge_grid(1, 1, 16, pieces_per_request - 1, 512, 132)
+    assert chunks in (1, 2, 4)
+    fits = 8 * (spec.MERGE_LOADS // chunks) >= pieces_per_request
+    assert fits or chunks == 1  # past 144 pieces: one chunk a CTA, in rounds
+    assert chunks == 4 or 8 * (spec.MERGE_LOADS // (2 * chunks)) < pieces_per_request
 
 
 @pytest.mark.parametrize("h_q, page_size, env, seesaw", [(128, 64, None, True), (128, 128, None, True),

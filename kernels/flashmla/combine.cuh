@@ -1,13 +1,15 @@
 // Merge the fp32 partial outputs of split requests, and finalize requests with no work.
 //
-// Two grids, chosen on the host (api.merge_by_chunks: whichever merges faster for the
-// pieces per request and the rows to merge; CombineParams.chunked):
-// - few pieces (large batches, a request splits in 1-3 pieces): one warp merges one
-//   whole output row, walking its pieces; a CTA holds 8 rows.
-// - many pieces (small batches, a request splits over every SM, ~130 pieces): one CTA
-//   merges one 128-column chunk of one row; its 8 warps take every 8th piece, each lane
-//   loading 4 pieces before it adds any, so ~32 loads of a row are in flight per CTA,
-//   and the warps' sums meet in shared memory.
+// Two grids, chosen on the host (api.merge_grid: whichever merges faster for the pieces
+// per request and the rows to merge), a template argument each:
+// - few pieces (large batches, a request splits in 1-5 pieces; kCtaChunks = 0): one
+//   warp merges one whole output row, walking its pieces two at a time; 8 rows a CTA.
+// - many pieces (small batches, a request splits over up to every SM, ~130 pieces):
+//   a CTA merges kCtaChunks 128-column chunks of one row (1, 2 or 4: the most that keep
+//   all of a request's pieces in flight at once); its 8 warps take every 8th piece, and
+//   their sums meet in shared memory.
+// Either way a warp issues the loads of a round of pieces, and their lse, before it
+// waits for any, and only then walks the row's lse for the total (merge_pieces).
 // Partials are read once and then dropped from L2 (discard), so they cost no DRAM
 // write-back. Requests that ran as a single piece were written by the decode kernel and are
 // skipped; requests with no piece (seqlen 0) get out = 0 and lse = +inf here, so every
@@ -23,8 +25,9 @@ namespace flashmla {
 
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;  // rows per CTA in the few-pieces grid
-constexpr int kChunkCols = 128;                      // columns per CTA in the many-pieces grid
-constexpr int kPiecesInFlight = 4;                   // loads a lane issues before it adds
+constexpr int kChunkCols = 128;                      // a warp's columns per 16-byte load
+constexpr int kMergeLoads = 18;  // many-pieces grid: 16-byte loads a lane holds in flight
+                                 // (18 one-chunk pieces: 144 pieces of a row in one round)
 
 // The pieces of one output row and where its result goes.
 struct CombineRow {
@@ -44,77 +47,108 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Lane `lane` adds pieces k0, k0 + step, ... < n of kChunks consecutive 128-column
-// chunks from `chunk` (its 4 columns of each at 4 * lane) into acc, weighted by
-// exp2(lse_k - lse_total), the loads of kInFlight pieces (all their chunks) at a time.
-template <int kInFlight, int kChunks>
-__device__ __forceinline__ void sum_chunks(const CombineRow& row, int dv, int chunk, int k0, int n, int step,
-                                           float lse_total, int lane, float4 (&acc)[kChunks]) {
+// The row's total lse (log2 domain) over its n pieces, by one warp: lanes take pieces
+// lane + 32 j, kLoads at a time (one round trip up to 32 kLoads pieces; the second pass
+// hits L1). empty: no piece saw a key.
+template <int kLoads>
+__device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lane, bool& empty) {
+  const float inf = __int_as_float(0x7f800000);
+  auto lse_at = [&](int k) { return k < n ? row.lse_accum[k * row.piece_stride] : -inf; };
+  float mx = -inf;
+#pragma unroll 1
+  for (int k1 = lane; k1 < n; k1 += 32 * kLoads) {
+    float l[kLoads];
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) l[j] = lse_at(k1 + 32 * j);
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j) mx = fmaxf(mx, l[j]);
+  }
+  mx = warp_max(mx);
+  float sum = 0.f;
+  if (mx != -inf)
+#pragma unroll 1
+    for (int k1 = lane; k1 < n; k1 += 32 * kLoads) {
+      float l[kLoads];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) l[j] = lse_at(k1 + 32 * j);
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) sum += ex2(l[j] - mx);
+    }
+  sum = warp_sum(sum);
+  empty = !(sum > 0.f);
+  return mx + __log2f(sum);
+}
+
+// One warp adds pieces k0, k0 + step, ... < n of kChunks 128-column chunks from `chunk0`
+// (lane: 4 columns of each, at 4 lane) into acc, weighted by 2^(lse_k - total), in
+// rounds of kSlots pieces. A round issues all its loads (data and lse) before it waits
+// for any; in the first round the warp then takes the row's total lse, those loads in
+// flight with the data, so one L2 round trip merges up to kSlots pieces. (v14 read the
+// lse first and kept 4 pieces in flight a lane: ~5 round trips for b = 1's 132 pieces.)
+// Returns the total lse; empty as total_lse's.
+template <int kSlots, int kChunks, int kLseLoads, int kDV>
+__device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int chunk0, int k0, int step, int lane,
+                                              float4 (&acc)[kChunks], bool& empty) {
+  const float inf = __int_as_float(0x7f800000);
+  const float* base = row.o_accum + chunk0 * kChunkCols + lane * 4;
+  auto piece = [&](int k) { return base + k * row.piece_stride * kDV; };
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
-  const float* base = row.o_accum + chunk * kChunkCols + lane * 4;
-  for (int k = k0; k < n; k += kInFlight * step) {
-    float4 v[kInFlight][kChunks];
-    float w[kInFlight];
+  float lse_total = 0.f;
+  empty = true;
+  for (int k1 = k0; k1 < n; k1 += kSlots * step) {
+    float4 v[kSlots][kChunks];
+    float lse[kSlots];
 #pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const int kk = k + i * step;
-      const bool live = kk < n;
+    for (int i = 0; i < kSlots; ++i) {
+      const int k = k1 + i * step;
+      const bool live = k < n;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c)
-        v[i][c] = live ? *(const float4*)(base + kk * row.piece_stride * dv + c * kChunkCols)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
-      // 0 for dead slots, and (lse = -inf) for pieces that saw no key
-      w[i] = live ? ex2(row.lse_accum[kk * row.piece_stride] - lse_total) : 0.f;
+        v[i][c] = live ? *(const float4*)(piece(k) + c * kChunkCols) : make_float4(0.f, 0.f, 0.f, 0.f);
+      lse[i] = live ? row.lse_accum[k * row.piece_stride] : -inf;
     }
+    if (k1 == k0) lse_total = total_lse<kLseLoads>(row, n, lane, empty);
 #pragma unroll
-    for (int i = 0; i < kInFlight; ++i) {
-      const float wi = w[i];
+    for (int i = 0; i < kSlots; ++i) {
+      const float w = empty ? 0.f : ex2(lse[i] - lse_total);  // 0 for dead slots and keyless pieces
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        acc[c].x += wi * v[i][c].x; acc[c].y += wi * v[i][c].y;
-        acc[c].z += wi * v[i][c].z; acc[c].w += wi * v[i][c].w;
+        acc[c].x += w * v[i][c].x; acc[c].y += w * v[i][c].y;
+        acc[c].z += w * v[i][c].z; acc[c].w += w * v[i][c].w;
       }
     }
     // Each partial line is read by this warp alone, once: drop it from L2 so that it is
     // never written back (the seesaw decode kernel stores partials evict_last to keep them
     // there until now). Lanes 8 l .. 8 l + 7 read one 128-byte line (the partials start
     // 128-byte aligned, api.py checks); the warp's loads have completed, since every lane
-    // used its values above.
+    // used its values above. Addresses recomputed (opaque): held from the loads, they
+    // would cost 2 registers a slot.
     if (lane % 8 == 0) {
 #pragma unroll
-      for (int i = 0; i < kInFlight; ++i) {
-        const int kk = k + i * step;
-        if (kk < n)
+      for (int i = 0; i < kSlots; ++i) {
+        const int k = (int)opaque(k1) + i * step;
+        if (k < n)
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) discard_l2_line(base + kk * row.piece_stride * dv + c * kChunkCols);
+          for (int c = 0; c < kChunks; ++c) discard_l2_line(piece(k) + c * kChunkCols);
       }
     }
   }
+  return lse_total;
 }
 
 __device__ __forceinline__ void write_lse(const CombineRow& row, bool empty, float lse_total) {
   *row.lse = empty ? __int_as_float(0x7f800000) : lse_total * kLn2;
 }
 
-// Few pieces: one warp merges one row on its own.
+// Few pieces: one warp merges one row on its own, all four chunks of two pieces in
+// flight at once (a split request has 2-3 pieces).
 template <typename T, int kDV>
 __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
-  float mx = -__int_as_float(0x7f800000);
-  for (int k = lane; k < n; k += 32) mx = fmaxf(mx, row.lse_accum[k * row.piece_stride]);
-  mx = warp_max(mx);
-  float sum = 0.f;
-  if (mx != -__int_as_float(0x7f800000))
-    for (int k = lane; k < n; k += 32) sum += ex2(row.lse_accum[k * row.piece_stride] - mx);
-  sum = warp_sum(sum);
-  const bool empty = !(sum > 0.f);  // no piece, or no piece saw a key
-  const float lse_total = mx + __log2f(sum);
-  // All four chunks of two pieces in flight at once: a split request has 2-3 pieces, so
-  // one or two L2 round trips per row instead of one per chunk (varlen b = 128: the merge
-  // after the decode kernel took 17 us, now 13).
   constexpr int kChunks = kDV / kChunkCols;
   float4 acc[kChunks];
-  sum_chunks<2>(row, kDV, 0, 0, empty ? 0 : n, 1, lse_total, lane, acc);
+  bool empty;
+  const float lse_total = merge_pieces<2, kChunks, 1, kDV>(row, n, 0, 0, 1, lane, acc, empty);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
     *(uint2*)(row.out + c * kChunkCols + lane * 4) =
@@ -122,64 +156,53 @@ __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
   if (lane == 0) write_lse(row, empty, lse_total);
 }
 
-// Many pieces: the CTA's 8 warps merge one 128-column chunk of one row.
-template <typename T, int kDV>
-__device__ void combine_chunk_by_cta(const CombineRow& row, int n, int chunk, int tid) {
-  __shared__ float4 partial[kCombineWarps][32];
-  __shared__ float warp_stat[2][kCombineWarps];
+// Many pieces: the CTA's 8 warps merge kChunks 128-column chunks of one row, warp w
+// pieces w, w + 8, ...; the warps' sums meet in shared memory.
+template <typename T, int kDV, int kChunks>
+__device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid) {
+  __shared__ float4 partial[kCombineWarps][kChunks][32];
   const int warp = tid / 32, lane = tid % 32;
-  const float inf = __int_as_float(0x7f800000);
-  // log2-sum-exp over the pieces: every thread strides over them, then the CTA reduces.
-  float mx = -inf;
-  for (int k = tid; k < n; k += kCombineThreads) mx = fmaxf(mx, row.lse_accum[k * row.piece_stride]);
-  mx = warp_max(mx);
-  if (lane == 0) warp_stat[0][warp] = mx;
-  __syncthreads();
-  mx = -inf;
+  float4 acc[kChunks];
+  bool empty;
+  const float lse_total =
+      merge_pieces<kMergeLoads / kChunks, kChunks, 5, kDV>(row, n, chunk0, warp, kCombineWarps, lane, acc, empty);
 #pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) mx = fmaxf(mx, warp_stat[0][w]);
-  float sum = 0.f;
-  if (mx != -inf)
-    for (int k = tid; k < n; k += kCombineThreads) sum += ex2(row.lse_accum[k * row.piece_stride] - mx);
-  sum = warp_sum(sum);
-  if (lane == 0) warp_stat[1][warp] = sum;
+  for (int c = 0; c < kChunks; ++c) partial[warp][c][lane] = acc[c];
   __syncthreads();
-  sum = 0.f;
-#pragma unroll
-  for (int w = 0; w < kCombineWarps; ++w) sum += warp_stat[1][w];
-  const bool empty = !(sum > 0.f);
-  const float lse_total = mx + __log2f(sum);
-
-  float4 acc[1];
-  sum_chunks<kPiecesInFlight>(row, kDV, chunk, warp, empty ? 0 : n, kCombineWarps, lse_total, lane, acc);
-  partial[warp][lane] = acc[0];
-  __syncthreads();
-  if (tid < kChunkCols / 2) {  // thread t owns columns 2t, 2t + 1 of the chunk
-    const float* flat = reinterpret_cast<const float*>(&partial[0][0]);
+  if (tid < kChunks * kChunkCols / 2) {  // thread t owns columns 2t, 2t + 1 of the CTA's chunks
+    const int c = tid / (kChunkCols / 2), col = 2 * (tid % (kChunkCols / 2));
     float o0 = 0.f, o1 = 0.f;
 #pragma unroll
     for (int w = 0; w < kCombineWarps; ++w) {
-      o0 += flat[w * kChunkCols + 2 * tid];
-      o1 += flat[w * kChunkCols + 2 * tid + 1];
+      const float* flat = reinterpret_cast<const float*>(&partial[w][c][0]);
+      o0 += flat[col];
+      o1 += flat[col + 1];
     }
-    *(u32*)(row.out + chunk * kChunkCols + 2 * tid) = cvt_pack(o0, o1, T{});
+    *(u32*)(row.out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
   }
-  if (tid == 0 && chunk == 0) write_lse(row, empty, lse_total);
+  // Warps without a piece (n < 8) skip merge_pieces' rounds; warp 0 has piece 0.
+  if (tid == 0 && chunk0 == 0) write_lse(row, empty, lse_total);
 }
 
-template <typename T, int kDV>
-__global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_constant__ CombineParams p) {
+// kCtaChunks = 0: the few-pieces grid, CTA = (request, KV head, group of 8 rows), warp =
+// row, at 64-75 registers (3-4 CTAs an SM). kCtaChunks > 0: the many-pieces grid, CTA =
+// (request, KV head, row, group of kCtaChunks 128-column chunks), held to 128 registers
+// (2 CTAs an SM) for the loads in flight.
+template <typename T, int kDV, int kCtaChunks>
+__global__ void __launch_bounds__(kCombineThreads, kCtaChunks > 0 ? 2 : 0)
+    combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(kDV % kChunkCols == 0, "a lane owns 4 columns of each 128-column chunk");
   constexpr int kChunks = kDV / kChunkCols;
+  constexpr bool kByCta = kCtaChunks > 0;
+  static_assert(!kByCta || kChunks % kCtaChunks == 0, "a row's chunks split evenly over its CTAs");
+  constexpr int kCtasPerRow = kByCta ? kChunks / kCtaChunks : 1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
-  // Few pieces: CTA = (request, KV head, group of 8 rows), warp = row.
-  // Many pieces: CTA = (request, KV head, row, chunk).
-  const i64 per_head = p.chunked ? rows * kChunks : (rows + kCombineWarps - 1) / kCombineWarps;
+  const i64 per_head = kByCta ? rows * kCtasPerRow : (rows + kCombineWarps - 1) / kCombineWarps;
   const int req = (int)(blockIdx.x / (p.h_kv * per_head));
   const int head_kv = (int)(blockIdx.x / per_head % p.h_kv);
   const int item = (int)(blockIdx.x % per_head);
-  const int r = p.chunked ? item / kChunks : item * kCombineWarps + warp;
+  const int r = kByCta ? item / kCtasPerRow : item * kCombineWarps + warp;
 
   // Before the wait only the schedule and cu_seqlens_q are read: both were final before
   // the decode kernel started.
@@ -192,7 +215,7 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   // left, instead of after it (FlashMLA's merge does the same): with whole requests its
   // tail after the decode kernel was ~4 us of empty CTAs. CTA 0 always waits, so this grid
   // still completes only after the decode kernel: work queued after it sees all outputs.
-  const int cta_first_row = p.chunked ? r : item * kCombineWarps;
+  const int cta_first_row = kByCta ? r : item * kCombineWarps;
   const bool idle = n == 1 || req >= p.sched[5] || cta_first_row >= req_rows;
   if (idle && blockIdx.x != 0) return;
   grid_dependency_wait();  // the decode kernel has finished: its partials are visible
@@ -205,8 +228,8 @@ __global__ void __launch_bounds__(kCombineThreads) combine_kernel(const __grid_c
   const CombineRow row{p.lse_accum + piece0, p.o_accum + piece0 * kDV, p.h_kv * rows,
                        (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride,
                        p.lse + req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride};
-  if (p.chunked)
-    combine_chunk_by_cta<T, kDV>(row, n, item % kChunks, tid);
+  if constexpr (kByCta)
+    combine_chunks_by_cta<T, kDV, kCtaChunks>(row, n, item % kCtasPerRow * kCtaChunks, tid);
   else
     combine_row_by_warp<T, kDV>(row, n, lane);
 }

@@ -88,8 +88,6 @@ struct CombineParams {
   i64 o_batch_stride, o_seq_stride, o_head_stride;
   i64 lse_batch_stride, lse_head_stride, lse_seq_stride;
   i64 batch, s_q, h_q, h_kv, heads_per_kv, rows;
-  i64 chunked;                // 1: a CTA per 128-column chunk of a row (many pieces a request)
-                              // 0: a warp per row, 8 rows a CTA (few pieces)
 };
 
 struct MetadataParams {
