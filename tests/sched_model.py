@@ -8,9 +8,10 @@ parts balanced) on this model.
 
 def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, whole_slack_blocks=0):
     """Returns (sched records [num_parts][8], num_splits [batch + 1]). Requests at or past
-    `active` (default: all active) are padding: no piece. A payload of whole requests is
-    taken when it is at most whole_slack_pct percent or whole_slack_blocks blocks above
-    the equal one."""
+    `active` (default: all active) are padding: no piece. An aligned payload is taken when
+    it is at most whole_slack_pct percent or whole_slack_blocks blocks above the equal one:
+    whole requests per part when there are more requests than parts, else a request per k
+    parts (each request padded on the line to whole parts, so no part holds two pieces)."""
     batch = len(seqlens)
     active = batch if active is None else min(max(active, 0), batch)
     blocks = [-(-max(n, 0) // block_n) if i < active else 0 for i, n in enumerate(seqlens)]
@@ -18,9 +19,16 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
     total = sum(costs)
     payload = max(1, -(-total // num_parts))
     count = sum(1 for c in costs if c > 0)
-    whole = max(costs, default=0) * -(-count // num_parts)
-    if count and (whole * 100 <= payload * (100 + whole_slack_pct) or whole - payload <= whole_slack_blocks):
-        payload = whole
+    max_cost = max(costs, default=0)
+    pad = count <= num_parts
+    aligned = -(-max_cost // (num_parts // count)) if pad and count else max_cost * -(-count // num_parts)
+    if (count and (aligned * 100 <= payload * (100 + whole_slack_pct) or aligned - payload <= whole_slack_blocks)
+            and (not pad or sum(-(-c // aligned) for c in costs) <= num_parts)):
+        payload = aligned
+        if pad:  # each request starts a part
+            total = sum(-(-c // payload) * payload for c in costs)
+    else:
+        pad = False
     begin = [None] * (num_parts + 1)
     num_splits, start, piece_start = [], 0, 0
     for i, (nb, cost) in enumerate(zip(blocks, costs)):
@@ -31,7 +39,7 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
         while cost > 0 and q * payload < start + cost and q < num_parts:
             begin[q] = [i, min(max(q * payload - start - overhead, 0), nb), piece_start + q - first_part]
             q += 1
-        start += cost
+        start += -(-cost // payload) * payload if pad else cost
         piece_start += pieces
     num_splits.append(piece_start)
     for q in range(num_parts + 1):

@@ -368,9 +368,10 @@ def test_metadata_matches_python_model():
     gen = torch.Generator().manual_seed(3)
     for batch, rows, h_kv, equal in [(1, 16, 1, False), (7, 128, 1, False), (128, 16, 1, False),
                                      (300, 256, 2, False), (2000, 64, 1, False), (128, 16, 1, True),
-                                     (128, 128, 1, True), (128, 256, 1, True), (1500, 64, 1, True)]:
+                                     (128, 128, 1, True), (128, 256, 1, True), (1500, 64, 1, True),
+                                     (32, 128, 1, True), (16, 16, 1, True), (4, 128, 1, True), (40, 64, 2, False)]:
         lens = torch.randint(0, 20000, (batch,), generator=gen, dtype=torch.int32)
-        if equal:  # every request the same length (the whole-request payload)
+        if equal:  # every request the same length (the aligned payloads)
             lens[:] = lens[0]
         else:
             lens[::5] = 0
@@ -380,8 +381,8 @@ def test_metadata_matches_python_model():
                                  whole_slack_blocks=blocks)
         assert ns.cpu().tolist() == exp_ns
         assert sched.cpu().tolist() == exp_sched
-        if equal and pct:
-            assert exp_ns[-1] == batch  # no request was split
+        if equal and pct:  # aligned: whole requests, or each request in k whole parts
+            assert len({exp_ns[i + 1] - exp_ns[i] for i in range(batch)}) == 1
         active = batch // 3  # padding past it, counted on the GPU
         sched, ns = get_mla_metadata(lens.cuda(), rows, h_kv, num_seqs=torch.tensor([active], device="cuda",
                                                                                       dtype=torch.int32))

@@ -89,3 +89,26 @@ def test_whole_request_payload(lens, parts, slack, slack_blocks, whole):
     assert max(load) <= max(equal_payload * (100 + slack) / 100, equal_payload + slack_blocks) + 2 * 5
     done = sorted((req, blk) for _, req, lo, hi, _ in pieces_of(sched, num_splits, lens, 64) for blk in range(lo, hi))
     assert done == [(r, b) for r, n in enumerate(lens) for b in range(-(-n // 64))]
+
+
+@pytest.mark.parametrize("lens,parts,pieces", [
+    ([8192] * 32, 66, 2),      # b = 32 h128: equal payloads cut most requests in 3, two pieces a part
+    ([32768] * 16, 66, 4),     # b = 16 h128
+    ([32768] * 4, 132, 33),    # b = 4 h16
+    ([8192] * 64, 66, 1),      # k = 1: whole requests, one a part
+    ([8192] * 31 + [8000], 66, 2)])  # nearly equal: the shorter request pads to whole parts too
+def test_aligned_payload_gives_each_part_one_piece(lens, parts, pieces):
+    sched, num_splits = plan(lens, parts, 64, 5, whole_slack_pct=10)
+    assert [num_splits[i + 1] - num_splits[i] for i in range(len(lens))] == [pieces] * len(lens)
+    per_part = [0] * parts
+    for part, *_ in pieces_of(sched, num_splits, lens, 64):
+        per_part[part] += 1
+    assert max(per_part) == 1
+    done = sorted((req, blk) for _, req, lo, hi, _ in pieces_of(sched, num_splits, lens, 64) for blk in range(lo, hi))
+    assert done == [(r, b) for r, n in enumerate(lens) for b in range(-(-n // 64))]
+
+
+@pytest.mark.parametrize("lens,parts", [([100, 40000, 3000], 132), ([8192] * 30 + [16384] * 2, 66)])
+def test_aligned_payload_is_refused_past_the_slack(lens, parts):
+    # Unequal requests: the largest cost over k is far above the equal payload.
+    assert plan(lens, parts, 64, 5, whole_slack_pct=10) == plan(lens, parts, 64, 5)

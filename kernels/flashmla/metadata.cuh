@@ -14,6 +14,11 @@
 // whole_slack_blocks blocks above the equal one. Memory-bound steps gain 3-10 % that way
 // (the pieces' fixed costs and the combine go away, and idle SMs cost no bandwidth);
 // compute-bound ones only when the few blocks more cost less than the combine.
+// With fewer requests than parts the aligned payload is a request per k = parts /
+// requests parts (the largest cost / k), each request padded on the line to whole parts,
+// under the same slack: equal requests then split in k pieces with one piece a part,
+// where equal payloads cut most of them in k + 1 and give most parts two pieces, each
+// with its own start and partial store (b = 32 h128 8K: 3 pieces a request, 2 aligned).
 #pragma once
 #include "params.cuh"
 
@@ -82,10 +87,25 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   block_exclusive_scan(local_count, warp_sums, count);
   const int max_cost = block_max(local_max, warp_sums);
   int payload = max(1, (total + parts - 1) / parts);
-  const long long whole = (long long)max_cost * ((count + parts - 1) / parts);
-  if (count > 0 && (whole * 100 <= (long long)payload * (100 + p.whole_slack_pct) ||
-                    whole - payload <= p.whole_slack_blocks))
-    payload = (int)whole;
+  bool pad = count <= parts;  // aligned payload: a request per k parts, else whole requests
+  const long long aligned = pad ? (max_cost + parts / max(count, 1) - 1) / (parts / max(count, 1))
+                                : (long long)max_cost * ((count + parts - 1) / parts);
+  bool take = count > 0 && (aligned * 100 <= (long long)payload * (100 + p.whole_slack_pct) ||
+                            aligned - payload <= p.whole_slack_blocks);
+  if (take && pad) {  // padded, the requests must still fit in the parts
+    int local_parts = 0, needed;
+    for (int i = tid; i < batch; i += kMetadataThreads) {
+      const int nb = blocks_of(i);
+      local_parts += nb > 0 ? (int)((nb + ovh + aligned - 1) / aligned) : 0;
+    }
+    block_exclusive_scan(local_parts, warp_sums, needed);
+    take = needed <= parts;
+    if (take) total = needed * (int)aligned;
+  }
+  pad = pad && take;
+  if (take) payload = (int)aligned;
+  // A request's length on the cost line: its cost, or padded to whole parts.
+  auto line_of = [&](int cost) { return pad ? (cost + payload - 1) / payload * payload : cost; };
 
   // Pass 2: positions on the cost line, pieces per request, and the cut points.
   int cost_carry = 0, piece_carry = 0;
@@ -94,7 +114,7 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
     const int nb = blocks_of(i);
     const int cost = nb > 0 ? nb + ovh : 0;
     int chunk_cost, chunk_pieces;
-    const int start = cost_carry + block_exclusive_scan(cost, warp_sums, chunk_cost);
+    const int start = cost_carry + block_exclusive_scan(line_of(cost), warp_sums, chunk_cost);
     const int first_part = (start + ovh) / payload;  // part holding block 0
     const int pieces = nb > 0 ? (start + ovh + nb - 1) / payload - first_part + 1 : 0;
     const int piece_start = piece_carry + block_exclusive_scan(pieces, warp_sums, chunk_pieces);
