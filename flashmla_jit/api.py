@@ -21,8 +21,9 @@ OVERHEAD_BLOCKS = 5
 
 
 def whole_slack(rows: int) -> tuple:
-    """How much longer a part may get to keep equal requests whole (metadata.cuh): (percent,
-    blocks). Up to 128 query rows per KV head a step is memory-bound: cutting b = 128
+    """How much longer a part may get to keep equal requests whole, or (fewer requests than
+    parts) split on part boundaries (metadata.cuh): (percent, blocks). Up to 128 query
+    rows per KV head a step is memory-bound: cutting b = 128
     requests over 132 parts cost 3-10 % (H100, docs/PERF.md). At 256 rows the 3 % of SMs
     left idle cost as much as they would compute, while the cut requests cost a combine
     after the decode kernel and more pieces, 15-20 us together (~12 blocks of a part's

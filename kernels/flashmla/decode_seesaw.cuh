@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           float* dst = p.o_accum + prow * kDV + wg * 256 + 2 * t;
           // Kept in L2 (evict_last) for the merge, which reads each line once and then
           // discards it: no DRAM write or read for partials that stay (combine.cuh). A
-          // row this piece saw no key of goes unread when no piece saw one: evict first.
+          // row this piece saw no key of weighs 0 there (lse -inf, values 0): evict first.
           const u64 policy = empty[h] ? l2_evict_first_policy() : l2_evict_last_policy();
 #pragma unroll
           for (int j = 0; j < 32; ++j)
