@@ -90,8 +90,10 @@ template <int kSlots, int kChunks, int kLseLoads, int kDV>
 __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int chunk0, int k0, int step, int lane,
                                               float4 (&acc)[kChunks], bool& empty) {
   const float inf = __int_as_float(0x7f800000);
-  const float* base = row.o_accum + chunk0 * kChunkCols + lane * 4;
-  auto piece = [&](int k) { return base + k * row.piece_stride * kDV; };
+  // Slot i of a round reads piece k1 + i step: pointers advance by one slot's stride
+  // (64-bit multiplies per slot were a third of this loop's instructions).
+  const i64 lse_step = (i64)step * row.piece_stride, o_step = lse_step * kDV;
+  const float* o_base = row.o_accum + chunk0 * kChunkCols + lane * 4;
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) acc[c] = make_float4(0.f, 0.f, 0.f, 0.f);
   float lse_total = 0.f;
@@ -99,14 +101,15 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
   for (int k1 = k0; k1 < n; k1 += kSlots * step) {
     float4 v[kSlots][kChunks];
     float lse[kSlots];
+    const float* o = o_base + k1 * row.piece_stride * kDV;
+    const float* l = row.lse_accum + k1 * row.piece_stride;
 #pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      const int k = k1 + i * step;
-      const bool live = k < n;
+    for (int i = 0; i < kSlots; ++i, o += o_step, l += lse_step) {
+      const bool live = k1 + i * step < n;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c)
-        v[i][c] = live ? *(const float4*)(piece(k) + c * kChunkCols) : make_float4(0.f, 0.f, 0.f, 0.f);
-      lse[i] = live ? row.lse_accum[k * row.piece_stride] : -inf;
+        v[i][c] = live ? *(const float4*)(o + c * kChunkCols) : make_float4(0.f, 0.f, 0.f, 0.f);
+      lse[i] = live ? *l : -inf;
     }
     if (k1 == k0) lse_total = total_lse<kLseLoads>(row, n, lane, empty);
 #pragma unroll
@@ -125,13 +128,12 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
     // used its values above. Addresses recomputed (opaque): held from the loads, they
     // would cost 2 registers a slot.
     if (lane % 8 == 0) {
+      const float* o = o_base + (int)opaque(k1) * row.piece_stride * kDV;
 #pragma unroll
-      for (int i = 0; i < kSlots; ++i) {
-        const int k = (int)opaque(k1) + i * step;
-        if (k < n)
+      for (int i = 0; i < kSlots; ++i, o += o_step)
+        if (k1 + i * step < n)
 #pragma unroll
-          for (int c = 0; c < kChunks; ++c) discard_l2_line(piece(k) + c * kChunkCols);
-      }
+          for (int c = 0; c < kChunks; ++c) discard_l2_line(o + c * kChunkCols);
     }
   }
   return lse_total;
