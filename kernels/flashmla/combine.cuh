@@ -53,13 +53,18 @@ __device__ __forceinline__ float warp_sum(float x) {
 template <int kLoads>
 __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lane, bool& empty) {
   const float inf = __int_as_float(0x7f800000);
-  auto lse_at = [&](int k) { return k < n ? row.lse_accum[k * row.piece_stride] : -inf; };
+  const i64 stride = 32 * row.piece_stride;  // lane's next piece
+  // kLoads lse values from piece k1 on, lane's pieces (-inf past n)
+  auto load = [&](int k1, float (&l)[kLoads]) {
+    const float* p = row.lse_accum + k1 * row.piece_stride;
+#pragma unroll
+    for (int j = 0; j < kLoads; ++j, p += stride) l[j] = k1 + 32 * j < n ? *p : -inf;
+  };
   float mx = -inf;
 #pragma unroll 1
   for (int k1 = lane; k1 < n; k1 += 32 * kLoads) {
     float l[kLoads];
-#pragma unroll
-    for (int j = 0; j < kLoads; ++j) l[j] = lse_at(k1 + 32 * j);
+    load(k1, l);
 #pragma unroll
     for (int j = 0; j < kLoads; ++j) mx = fmaxf(mx, l[j]);
   }
@@ -69,8 +74,7 @@ __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lan
 #pragma unroll 1
     for (int k1 = lane; k1 < n; k1 += 32 * kLoads) {
       float l[kLoads];
-#pragma unroll
-      for (int j = 0; j < kLoads; ++j) l[j] = lse_at(k1 + 32 * j);
+      load(k1, l);
 #pragma unroll
       for (int j = 0; j < kLoads; ++j) sum += ex2(l[j] - mx);
     }
