@@ -27,6 +27,10 @@ if [[ $stage == all || $stage == sanitize ]]; then
     status+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
     tail -4 "$OUT/sanitizer_$tool.log"
   done
+  # Where racecheck's reports are (count, file:line of the first access): known ones sit in
+  # decode_seesaw.cuh's named-barrier handoffs and epilogue (docs/PERF.md, v15).
+  status+=("racecheck reports by line: $(grep 'Race reported' "$OUT/sanitizer_racecheck.log" |
+    grep -oE '[a-z_]+\.cuh:[0-9]+' | sort | uniq -c | tr -s ' \n' ' ')")
   # racecheck itself on a race-free kernel in the seesaw's arrive / sync handoff pattern:
   # its reports on the seesaw epilogue are of the kind it gives here (tools/racecheck_arrive.py).
   for mode in sync arrive; do
