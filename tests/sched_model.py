@@ -25,13 +25,14 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
     if (count and (aligned * 100 <= payload * (100 + whole_slack_pct) or aligned - payload <= whole_slack_blocks)
             and (not pad or sum(-(-c // aligned) for c in costs) <= num_parts)):
         payload = aligned
-        if pad:  # each request starts a part
-            total = sum(-(-c // payload) * payload for c in costs)
     else:
         pad = False
+    # A request's length on the cost line: its cost, or padded to whole parts (each request starts a part).
+    lines = [-(-c // payload) * payload if pad else c for c in costs]
+    total = sum(lines)
     begin = [None] * (num_parts + 1)
     num_splits, start, piece_start = [], 0, 0
-    for i, (nb, cost) in enumerate(zip(blocks, costs)):
+    for i, (nb, cost, line) in enumerate(zip(blocks, costs, lines)):
         first_part = (start + overhead) // payload
         pieces = (start + overhead + nb - 1) // payload - first_part + 1 if nb > 0 else 0
         num_splits.append(piece_start)
@@ -39,7 +40,7 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
         while cost > 0 and q * payload < start + cost and q < num_parts:
             begin[q] = [i, min(max(q * payload - start - overhead, 0), nb), piece_start + q - first_part]
             q += 1
-        start += -(-cost // payload) * payload if pad else cost
+        start += line
         piece_start += pieces
     num_splits.append(piece_start)
     for q in range(num_parts + 1):
