@@ -1,5 +1,7 @@
 """Bad input raises a clear TypeError/ValueError naming the argument (CPU tensors suffice)."""
 
+import pathlib
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -269,6 +271,11 @@ def test_merge_grid_is_the_faster_one_measured(batch, num_parts, rows, chunks):
     # per row 7.5 us, a CTA per row 20.3; b = 4 h128: 12.0 against 7.6.
     decode_ctas = num_parts * max(1, rows // 64)
     assert api.merge_grid(batch, 1, rows, num_parts, 512, decode_ctas) == chunks
+
+
+def test_merge_loads_mirror_the_kernel():
+    combine = pathlib.Path(__file__).parent.parent / "kernels" / "flashmla" / "combine.cuh"
+    assert f"kMergeLoads = {spec.MERGE_LOADS};" in combine.read_text()
 
 
 @pytest.mark.parametrize("pieces_per_request", [2, 30, 60, 130, 300])
