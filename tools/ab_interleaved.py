@@ -4,6 +4,7 @@ variants timed minutes apart in separate processes (tools/ab.py) can differ by m
 the change under test.
 
   AB_ROUNDS=6 AB_CONFIGS="128,16384,128,2" python tools/ab_interleaved.py "" "FLASHMLA_JIT_SEESAW=0" PEER
+A config is b,s_k,h_q,s_q[,varlen]: varlen 1 draws normal(s_k, s_k / 2) lengths, as tools/bench.py.
 A variant is "" (as is), space-separated VAR=value settings for flashmla_jit (read again
 per variant; FLASHMLA_JIT_DEFINES compiles a kernel variant), or PEER (FlashMLA from the
 git-ignored .peer/). Prints, per config, each variant's median and best of the rounds, µs,
@@ -22,7 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
-from bench import env_configs, load_peer  # noqa: E402
+from bench import env_configs, load_peer, varlen_lens  # noqa: E402
 
 CONFIGS = env_configs("128,16384,128,2")
 ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
@@ -44,10 +45,11 @@ def use_settings(variant: str):
     driver._configs.clear()
 
 
-def time_config(b, s_k, h_q, s_q, variants, peer):
+def time_config(b, s_k, h_q, s_q, varlen=0, *, variants, peer):
     """Each variant's times (µs) over the rounds, the variants in turn within a round, and
     the variants whose output differs from the first one's."""
-    q, k, bt, sl = make_inputs(b, s_q, h_q, 1, [s_k] * b, nan_tail=False)
+    lens = varlen_lens(b, s_k, s_k + h_q) if varlen else [s_k] * b
+    q, k, bt, sl = make_inputs(b, s_q, h_q, 1, lens, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     times = {v: [] for v in variants}
     reference, differs = None, set()
@@ -76,9 +78,9 @@ def main():
         sys.exit("PEER asked for, but .peer/flashmla_peer.py (a local FlashMLA build) is missing")
     print(f"{torch.cuda.get_device_name()}, configs (b, s_k, h_q, s_q) {CONFIGS}, {ROUNDS} rounds")
     for config in CONFIGS:
-        times, differs = time_config(*config, variants, peer)
+        times, differs = time_config(*config, variants=variants, peer=peer)
         torch.cuda.empty_cache()
-        print("b={} s_k={} h_q={} s_q={}: ".format(*config) + " | ".join(
+        print("b={} s_k={} h_q={} s_q={}{}: ".format(*config[:4], " varlen" if config[4:5] == (1,) else "") + " | ".join(
             f"{v or '(as is)'} {statistics.median(t):.1f} (best {min(t):.1f}){' differs' if v in differs else ''}"
             for v, t in times.items()), flush=True)
 

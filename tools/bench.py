@@ -126,12 +126,14 @@ def quantize_cache(k_cache, kv_format, pages_per_chunk=4096):
     return k8, torch.tensor([scale], dtype=torch.float32, device=k_cache.device)
 
 
+def varlen_lens(batch, s_k, seed):
+    """normal(s_k, s_k / 2) lengths clipped to [1, 2 s_k], as FlashMLA's benchmark draws them."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
+
+
 def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False, kv_format="same"):
-    gen = torch.Generator().manual_seed(s_k + h_q)
-    if varlen:  # normal(mean, mean/2), clipped, as FlashMLA's benchmark
-        lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
-    else:
-        lens = [s_k] * batch
+    lens = varlen_lens(batch, s_k, s_k + h_q) if varlen else [s_k] * batch
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False, page_size=page_size)
     k_cache, k_scale = quantize_cache(k_cache, kv_format)
     sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
