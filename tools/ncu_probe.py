@@ -3,6 +3,7 @@
   ncu -k regex:decode -s 2 -c 1 --section WarpStateStats python tools/ncu_probe.py H_Q S_Q [B S_K]
   (add --page source --print-source sass --csv for stall samples per SASS instruction)
   NCU_PEER=1: FlashMLA from .peer/ (git-ignored) instead, kernel regex:splitkv_mla
+  NCU_VARLEN=1: lengths drawn around S_K as tools/bench.py's varlen rows
 """
 import os
 import sys
@@ -18,7 +19,13 @@ import flashmla_jit  # noqa: E402
 
 h_q, s_q = int(sys.argv[1]), int(sys.argv[2])
 batch, s_k = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (128, 16384)
-q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
+if os.environ.get("NCU_VARLEN"):
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    from bench import varlen_lens  # noqa: E402
+    lens = varlen_lens(batch, s_k, s_k + h_q)
+else:
+    lens = [s_k] * batch
+q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)
 api = flashmla_jit
 if os.environ.get("NCU_PEER"):
     sys.path.insert(0, os.path.join(ROOT, ".peer"))

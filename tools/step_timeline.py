@@ -6,7 +6,11 @@ duration and how long the merge (combine) kernel runs on after it.
   STEP_CONFIGS="4,32768,128,0 128,8192,64,1" python tools/step_timeline.py   # b,s_k,h_q,varlen
 FlashMLA (from the git-ignored .peer/, as tools/bench.py loads it) is timed the same way
 beside ours where it is there.
+STEP_CACHES=N: the calls take N KV caches in turn (same lengths and block table), as a
+model's layers do; with one, a cache smaller than L2 (b = 1 32K: 38 MB of 50) is partly
+read from L2 on the next call.
 """
+import itertools
 import os
 import statistics
 import sys
@@ -32,6 +36,7 @@ if os.environ.get("STEP_CONFIGS"):
 # (name, module, decode kernel name part, merge kernel name part)
 IMPLS = [("ours", flashmla_jit, "decode", "combine")]
 CALLS = 10
+CACHES = int(os.environ.get("STEP_CACHES", "1"))
 TOKEN_BYTES = 576 * 2
 
 
@@ -59,24 +64,27 @@ def main():
     if peer is not None:
         IMPLS.append(("FlashMLA", peer, "splitkv_mla", "combine"))
     gen = torch.Generator().manual_seed(1)
-    print(f"{torch.cuda.get_device_name()}: {CALLS} back-to-back calls in one graph, µs (the first call left out)")
+    print(f"{torch.cuda.get_device_name()}: {CALLS} back-to-back calls in one graph over {CACHES} KV cache(s), µs "
+          "(the first call left out)")
     for batch, s_k, h_q, varlen in CONFIGS:
         if varlen:
             lens = torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
         else:
             lens = [s_k] * batch
         q, k_cache, block_table, seqlens = make_inputs(batch, 1, h_q, 1, lens, nan_tail=False)
+        k_caches = [k_cache] + [torch.randn_like(k_cache) for _ in range(CACHES - 1)]
         for name, impl, decode_name, merge_name in IMPLS:
             sched, splits = impl.get_mla_metadata(seqlens, h_q, 1)
+            turn = itertools.cycle(k_caches)
             decode, combine = kernel_times(lambda: impl.flash_mla_with_kvcache(
-                q, k_cache, block_table, seqlens, 512, sched, splits, causal=True), decode_name, merge_name)
+                q, next(turn), block_table, seqlens, 512, sched, splits, causal=True), decode_name, merge_name)
             period = (decode[-1][0] - decode[1][0]) / (len(decode) - 2)
             duration = statistics.median(end - start for start, end in decode[1:])
             tail = statistics.median(c_end - d_end for (_, d_end), (_, c_end) in zip(decode[1:], combine[1:]))
             gbs = sum(lens) * TOKEN_BYTES / period / 1e3
             print(f"b={batch:<4} s_k={s_k:<7} h_q={h_q:<4} {'var' if varlen else 'fix'} {name:8s}: period "
                   f"{period:7.1f} ({gbs:5.0f} GB/s) | decode {duration:7.1f} | merge runs on {tail:5.1f}")
-        del q, k_cache
+        del q, k_cache, k_caches
         torch.cuda.empty_cache()
 
 
