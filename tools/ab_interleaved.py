@@ -80,7 +80,8 @@ def main():
     for config in CONFIGS:
         times, differs = time_config(*config, variants=variants, peer=peer)
         torch.cuda.empty_cache()
-        print("b={} s_k={} h_q={} s_q={}{}: ".format(*config[:4], " varlen" if config[4:5] == (1,) else "") + " | ".join(
+        name = "b={} s_k={} h_q={} s_q={}".format(*config[:4]) + (" varlen" if config[4:5] == (1,) else "")
+        print(f"{name}: " + " | ".join(
             f"{v or '(as is)'} {statistics.median(t):.1f} (best {min(t):.1f}){' differs' if v in differs else ''}"
             for v, t in times.items()), flush=True)
 
