@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, MAX_PARTS, MERGE_CHUNKS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS,
-                   combine_spec, decode_spec, seesaw_fits, tile_rows_for)
+from .spec import (BLOCK_N, MAX_PARTS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
+                   decode_spec, merge_chunks_for, seesaw_fits, tile_rows_for)
 from .params import CombineParams, DecodeParams, SeesawParams
 from .tensors import Tensor, current_stream, describe, empty
 
@@ -40,8 +40,7 @@ def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int
     grid ~3 us + 2.2 us per wave of 2 CTAs an SM (b = 16 h128: 7.5 against 20.3 us; b = 4
     h128: 12 against 7.6; b = 16 h16: 7.2 against 3.3)."""
     pieces = -(-num_parts // batch) + 1  # each cut between parts adds at most one
-    chunks = max((g for g in MERGE_CHUNKS if head_dim_v // 128 % g == 0 and 8 * (MERGE_LOADS // g) >= pieces),
-                 default=1)
+    chunks = max((g for g in merge_chunks_for(head_dim_v) if 8 * (MERGE_LOADS // g) >= pieces), default=1)
     waves = batch * h_kv * rows * (head_dim_v // 128 // chunks) / (2 * sms)
     return chunks if 5 + 0.5 * pieces > 3 + 2.2 * waves else 0
 

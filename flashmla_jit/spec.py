@@ -76,8 +76,8 @@ class KernelSpec:
         if self.seesaw and not (self.kind == "decode" and self.tile_rows == 64 and self.kv_format == "same"
                                 and self.head_dim_v == 512):
             raise ValueError("seesaw is a decode kernel for 64-row tiles, head_dim_v 512 and a 16-bit cache")
-        if self.merge_chunks and not (self.kind == "combine" and self.merge_chunks in MERGE_CHUNKS
-                                      and self.head_dim_v // 128 % self.merge_chunks == 0):
+        if self.merge_chunks and not (self.kind == "combine"
+                                      and self.merge_chunks in merge_chunks_for(self.head_dim_v)):
             raise ValueError(f"merge_chunks is a combine choice, one of {MERGE_CHUNKS} dividing "
                              f"head_dim_v / 128 = {self.head_dim_v // 128}; got {self.merge_chunks} for {self.kind}")
         allowed = tile_rows_allowed(self.head_dim_v, self.kv_format)
@@ -200,10 +200,15 @@ def combine_spec(dtype: str, head_dim: int, head_dim_v: int, merge_chunks: int =
     return KernelSpec("combine", dtype, head_dim, head_dim_v, merge_chunks=merge_chunks)
 
 
+def merge_chunks_for(head_dim_v: int) -> tuple:
+    """The many-pieces merge grids for this head_dim_v: chunks a CTA takes that split a
+    row's 128-column chunks evenly (combine.cuh's static_assert)."""
+    return tuple(g for g in MERGE_CHUNKS if head_dim_v // 128 % g == 0)
+
+
 def combine_specs(dtype: str, head_dim: int, head_dim_v: int) -> list:
     """Every merge grid a step may pick (api.merge_grid: it depends on the batch)."""
-    return [combine_spec(dtype, head_dim, head_dim_v, g)
-            for g in (0, *MERGE_CHUNKS) if g == 0 or head_dim_v // 128 % g == 0]
+    return [combine_spec(dtype, head_dim, head_dim_v, g) for g in (0, *merge_chunks_for(head_dim_v))]
 
 
 METADATA_SPEC = KernelSpec("metadata")
