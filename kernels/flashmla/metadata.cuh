@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   const int max_cost = block_max(local_max, warp_sums);
   int payload = max(1, (total + parts - 1) / parts);
   bool pad = count <= parts;  // aligned payload: a request per k parts, else whole requests
-  const long long aligned = pad ? (max_cost + parts / max(count, 1) - 1) / (parts / max(count, 1))
-                                : (long long)max_cost * ((count + parts - 1) / parts);
+  const int k = parts / max(count, 1);
+  const long long aligned = pad ? (max_cost + k - 1) / k : (long long)max_cost * ((count + parts - 1) / parts);
   bool take = count > 0 && (aligned * 100 <= (long long)payload * (100 + p.whole_slack_pct) ||
                             aligned - payload <= p.whole_slack_blocks);
   if (take && pad) {  // padded, the requests must still fit in the parts
