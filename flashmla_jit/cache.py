@@ -42,7 +42,8 @@ class CacheWarning(UserWarning):
     """The cache dir is unusable; kernels are compiled in memory only."""
 
 
-_memo: dict = {}   # spec -> Artifact
+_memo: dict = {}   # (spec, codegen env) -> Artifact: a settings change mid-process
+                   # (FLASHMLA_JIT_DEFINES in an A/B tool) must not serve the old binary
 _stats = {"compiles": 0, "disk_hits": 0, "memory_hits": 0}
 _warned: set = set()   # cache roots already warned about
 
@@ -223,7 +224,8 @@ def _compile(spec, key: str | None) -> Artifact:
 
 def _get(spec, allow_jit: bool) -> tuple[Artifact, str]:
     """(artifact, where it came from: "memory" | "disk" | "compiled")."""
-    art = _memo.get(spec)
+    memo_key = (spec, settings.get().codegen_env)
+    art = _memo.get(memo_key)
     if art is not None:
         _stats["memory_hits"] += 1
         return art, "memory"
@@ -233,7 +235,7 @@ def _get(spec, allow_jit: bool) -> tuple[Artifact, str]:
         art, origin = _compile(spec, None), "compiled"
     else:
         art, origin = _get_disk(spec, allow_jit)
-    _memo[spec] = art
+    _memo[memo_key] = art
     return art, origin
 
 

@@ -119,6 +119,20 @@ def test_compile_then_memory_hit_then_disk_hit(cache_root):
     assert again.cubin == art.cubin and again.meta == art.meta
 
 
+def test_memo_follows_a_defines_change_in_process(cache_root, monkeypatch):
+    # An A/B tool flips FLASHMLA_JIT_DEFINES and re-reads settings in one process: the
+    # same spec must then get the other binary, not the one memoized first.
+    spec = FakeSpec(tag=13)
+    plain = cache.load_or_compile(spec)
+    monkeypatch.setenv("FLASHMLA_JIT_DEFINES", "FLASHMLA_X=1")
+    settings.get.cache_clear()   # what tools/ab_interleaved.py does, without cache.reset()
+    defined = cache.load_or_compile(spec)
+    assert cache.stats()["compiles"] == 2 and defined.meta["options"] != plain.meta["options"]
+    monkeypatch.delenv("FLASHMLA_JIT_DEFINES")
+    settings.get.cache_clear()
+    assert cache.load_or_compile(spec) is plain
+
+
 def test_the_lock_is_held_while_compiling(cache_root, monkeypatch):
     spec = FakeSpec(tag=12)
     lock_path = cache_root / f"{cache.entry_dir(spec).name}.lock"
