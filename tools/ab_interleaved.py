@@ -50,7 +50,6 @@ def time_config(b, s_k, h_q, s_q, varlen=0, *, variants, peer):
     the variants whose output differs from the first one's."""
     lens = varlen_lens(b, s_k, s_k + h_q) if varlen else [s_k] * b
     q, k, bt, sl = make_inputs(b, s_q, h_q, 1, lens, nan_tail=False)
-    sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     times = {v: [] for v in variants}
     reference, differs = None, set()
     for r in range(ROUNDS):
@@ -58,8 +57,9 @@ def time_config(b, s_k, h_q, s_q, varlen=0, *, variants, peer):
             if v == "PEER":
                 ps, pn = peer.get_mla_metadata(sl, s_q * h_q, 1)
                 call = lambda: peer.flash_mla_with_kvcache(q, k, bt, sl, 512, ps, pn, causal=True)
-            else:
+            else:  # the plan too is the variant's (its metadata kernel may differ)
                 use_settings(v)
+                sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
                 call = lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits, causal=True)
             if r == 0:
                 out = call()[0].float()
