@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from sched_model import pieces_of, plan
+from sched_model import pieces_of, plan, request_at
 
 CASES = [
     ([4096] * 128, 132), ([16384] * 128, 132), ([65536], 132), ([0, 0, 0], 132), ([1], 132),
@@ -112,3 +112,39 @@ def test_aligned_payload_gives_each_part_one_piece(lens, parts, pieces):
 def test_aligned_payload_is_refused_past_the_slack(lens, parts):
     # Unequal requests: the largest cost over k is far above the equal payload.
     assert plan(lens, parts, 64, 5, whole_slack_pct=10) == plan(lens, parts, 64, 5)
+
+
+def normal_lengths(batch, mean, seed):
+    """normal(mean, mean / 2) clipped to [1, 2 mean], as tools/bench.py draws varlen batches."""
+    rng = random.Random(seed)
+    return [min(max(int(rng.gauss(mean, mean / 2)), 1), 2 * mean) for _ in range(batch)]
+
+
+@pytest.mark.parametrize("batch,mean,parts", [(128, 8192, 132), (128, 4096, 132), (256, 16384, 132),
+                                              (256, 4096, 132)])
+def test_reordering_cuts_fewer_requests(batch, mean, parts):
+    # One or two requests a part: laid in index order nearly every request straddles a
+    # cut (each piece an fp32 partial, each cut request a merge). Pairs that add up to
+    # whole payloads end on cuts, and parts stay within their payload.
+    lens = normal_lengths(batch, mean, batch + mean)
+    sched, num_splits = plan(lens, parts, 64, 5)
+    _, index_order_splits = plan(lens, parts, 64, 5, reorder=False)
+    cut = sum(1 for i in range(batch) if num_splits[i + 1] - num_splits[i] > 1)
+    index_order_cut = sum(1 for i in range(batch) if index_order_splits[i + 1] - index_order_splits[i] > 1)
+    assert cut <= 0.85 * index_order_cut, (cut, index_order_cut)
+    def loads(sched, num_splits):  # blocks plus an overhead per piece
+        load = [0] * parts
+        for part, req, lo, hi, split in pieces_of(sched, num_splits, lens, 64):
+            load[part] += hi - lo + 5
+        return load
+    assert max(loads(sched, num_splits)) <= max(loads(*plan(lens, parts, 64, 5, reorder=False)))
+    # The records carry the order: every request at exactly one position.
+    assert sorted(request_at(sched, pos, batch) for pos in range(batch)) == list(range(batch))
+
+
+def test_order_is_left_alone_when_the_records_cannot_hold_it():
+    # More requests than 4 a record: positions are requests (ints 6-7 unused).
+    lens = normal_lengths(600, 2048, 1)
+    sched, num_splits = plan(lens, 132, 64, 5)
+    assert sched == plan(lens, 132, 64, 5, reorder=False)[0]
+    assert all(rec[6] == rec[7] == 0 for rec in sched)

@@ -28,15 +28,15 @@ namespace flashmla {
 
 constexpr int kBlockN = 64;
 
-// The blocks [lo, hi) of request `req` a part owns (its scheduler record): all of the
-// request's blocks except in the part's first and last request.
+// The blocks [lo, hi) a part owns (its scheduler record) of the request at position
+// `pos`: all of the request's blocks except at the part's first and last position.
 struct BlockRange {
   int lo, hi;
 };
-__device__ __forceinline__ BlockRange part_blocks(int seqlen, int req, int begin_req, int begin_blk, int end_req,
+__device__ __forceinline__ BlockRange part_blocks(int seqlen, int pos, int begin_pos, int begin_blk, int end_pos,
                                                   int end_blk) {
   const int nblk = (seqlen + kBlockN - 1) / kBlockN;
-  return {req == begin_req ? begin_blk : 0, req == end_req ? end_blk : nblk};
+  return {pos == begin_pos ? begin_blk : 0, pos == end_pos ? end_blk : nblk};
 }
 constexpr int kDecodeThreads = 256;
 constexpr int kDecodeWarps = kDecodeThreads / 32;
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   const int g = lane / 4, t = lane % 4;                       // mma fragment coordinates
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
-  const int begin_req = rec[0], begin_blk = rec[1], end_req = rec[2], end_blk = rec[3], begin_split = rec[4];
+  const int begin_pos = rec[0], begin_blk = rec[1], end_pos = rec[2], end_blk = rec[3], begin_split = rec[4];
   // Per-tensor FP8: the tile holds the e4m3 values, k_scale scales S here and O at the end.
   const float scale = (float)p.scale_log2 * (kKv == kKvFp8 ? fp8_k_scale(p) : 1.f);
   const int rows = (int)p.rows, hpk = (int)p.heads_per_kv;
@@ -155,13 +155,14 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
 
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
 
-  for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
+  for (int pos = begin_pos; pos <= end_pos && pos < p.batch; ++pos) {
+    const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
     const int seqlen = p.seqlens[req];
-    const BlockRange blocks = part_blocks(seqlen, req, begin_req, begin_blk, end_req, end_blk);
+    const BlockRange blocks = part_blocks(seqlen, pos, begin_pos, begin_blk, end_pos, end_blk);
     const int lo = blocks.lo, hi = blocks.hi;
     if (lo >= hi) continue;
     const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
-    const int split = req == begin_req ? begin_split : p.num_splits[req];
+    const int split = pos == begin_pos ? begin_split : p.num_splits[req];
     const int kv_len = (int)min((i64)seqlen, kv_cap);
     const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
     const int req_rows = span.count * hpk;  // this request's query rows per KV head

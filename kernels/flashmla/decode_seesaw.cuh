@@ -110,8 +110,8 @@ __device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool 
   else asm volatile("mov.u64 %0, %%clock64;" : "=l"(v));
   ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + slot] = v;
 }
-__device__ __forceinline__ int cta_stamp_slot(int req, int begin_req, int event) {
-  return 4 + 5 * min(req - begin_req, 4) + event;
+__device__ __forceinline__ int cta_stamp_slot(int pos, int begin_pos, int event) {
+  return 4 + 5 * min(pos - begin_pos, 4) + event;
 }
 
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
@@ -178,8 +178,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const int t = lane % 4;                             // accumulator fragment column pair
   const int row0 = (warp % 4) * 16 + lane / 4;        // this thread's rows: row0 and row0 + 8
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
-  const int* rec = p.sched + blockIdx.z * kSchedRecordInts;  // (split: reloaded in the epilogue)
-  const int begin_req = rec[0], end_req = rec[2];  // rec[1], rec[3] re-read per request (held, they spilled)
+  // The part's scheduler record, re-read per request (its ints held across the loop spilled).
+  const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
   const float scale = (float)p.scale_log2;
   const int hpk = (int)p.heads_per_kv;
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
@@ -195,9 +195,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
 
-  for (int req = begin_req; req <= end_req && req < p.batch; ++req) {
+  for (int pos = rec[0], last = min(rec[2], (int)p.batch - 1); pos <= last; ++pos) {
+    const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
     const int seqlen = p.seqlens[req];
-    const BlockRange blocks = part_blocks(seqlen, req, begin_req, rec[1], end_req, rec[3]);
+    const BlockRange blocks = part_blocks(seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
     const int lo = blocks.lo, hi = blocks.hi;
     if (lo >= hi) continue;
     const int kv_len = (int)min((i64)seqlen, kv_cap);
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     if (m_block * 64 >= req_rows) continue;
 
     __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
-    cta_stamp(p, cta_stamp_slot(req, begin_req, 0));
+    cta_stamp(p, cta_stamp_slot(pos, rec[0], 0));
 
     // ---- KV loads, issued by lane 0 of one warp. A block's page id is read ahead
     // (page_of) so the TMA issue never waits on the block table; blocks at or past
@@ -496,7 +497,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       wgmma_commit_group();
       phase ^= 1;
       wgmma_wait_group<0>();
-      cta_stamp(p, cta_stamp_slot(req, begin_req, 1));
+      cta_stamp(p, cta_stamp_slot(pos, rec[0], 1));
       auto pair = [&](int blk, bool steady) {
         const bool has1 = steady || blk + 1 < hi, next0 = steady || blk + 2 < hi, next1 = steady || blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
@@ -567,7 +568,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       for (; steady_pair(blk); blk += 2) pair(blk, true);
       for (; blk < hi; blk += 2) pair(blk, false);
       trace_end();
-      cta_stamp(p, cta_stamp_slot(req, begin_req, 2));
+      cta_stamp(p, cta_stamp_slot(pos, rec[0], 2));
     } else {
       // ================= warpgroup 1: odd blocks, O columns 256-511 =================
       // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).
@@ -668,8 +669,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       }
       // Request facts needed only here are (re)loaded here: registers are the limit.
       const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
-      const int split = req == begin_req ? p.sched[blockIdx.z * kSchedRecordInts + 4] : p.num_splits[req];
-      cta_stamp(p, cta_stamp_slot(req, begin_req, 3));
+      const int split = pos == rec[0] ? rec[4] : p.num_splits[req];
+      cta_stamp(p, cta_stamp_slot(pos, rec[0], 3));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = m_block * 64 + row0 + 8 * h;
@@ -700,7 +701,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         }
       }
     }
-    cta_stamp(p, cta_stamp_slot(req, begin_req, 4));
+    cta_stamp(p, cta_stamp_slot(pos, rec[0], 4));
   }
   cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3);
 }

@@ -6,7 +6,7 @@
 // [q * payload, (q + 1) * payload). A request whose blocks straddle cuts becomes several
 // pieces, merged later by the combine kernel. Everything follows from two prefix sums,
 // so one CTA computes it in a couple of block-wide scans (tests/sched_model.py is the
-// pure-Python twin of this file). Parts past the line's end begin and end at request
+// pure-Python twin of this file). Parts past the line's end begin and end at position
 // `active`, so no part reaches a padding request.
 // Equal requests a little fewer than the parts (b = 128 on 132 SMs) would all be cut in
 // two by equal payloads; a payload of whole requests (the largest cost times requests
@@ -19,13 +19,25 @@
 // under the same slack: equal requests then split in k pieces with one piece a part,
 // where equal payloads cut most of them in k + 1 and give most parts two pieces, each
 // with its own start and partial store (b = 32 h128 8K: 3 pieces a request, 2 aligned).
+// Under equal payloads, with more requests than half the parts, the requests are laid
+// on the line in an order that cuts fewer of them (pack_order): at about a request a
+// part (varlen b = 128) nearly every request straddles a cut in index order, and each
+// cut one costs an fp32 partial per piece and its merge. Pairs whose costs add up to
+// whole payloads go first, each ending on a cut (varlen b = 128 8K: 254 -> 226 pieces).
+// The parts then walk positions, and the records carry the order (params.cuh).
 #pragma once
 #include "params.cuh"
 
 namespace flashmla {
 
+#ifndef FLASHMLA_METADATA_INDEX_ORDER  // 1: requests always in index order on the line (A/B)
+#define FLASHMLA_METADATA_INDEX_ORDER 0
+#endif
+
 constexpr int kMetadataThreads = 1024;
 constexpr int kMaxParts = 1024;
+constexpr int kMaxOrder = kMetadataThreads;        // requests pack_order takes at most (one a thread)
+constexpr int kPackMaxPayload = kMetadataThreads;  // payloads it takes at most (a residue a thread)
 
 // Block-wide exclusive scan of one int per thread; returns the prefix, writes the total.
 __device__ __forceinline__ int block_exclusive_scan(int x, int* warp_sums, int& total) {
@@ -62,9 +74,66 @@ __device__ __forceinline__ int block_max(int x, int* warp_vals) {
   return m;
 }
 
+// The shared tables of pack_order.
+struct PackTables {
+  int cost[kMaxOrder];                // by request
+  alignas(16) int residue[kMaxOrder];  // cost % payload by request, -1 for cost 0
+  int count[kPackMaxPayload];         // requests of each residue
+  int pairs_before[kPackMaxPayload];  // pairs of the residue classes below r (r < payload - r)
+  unsigned short order[kMaxOrder];    // position -> request
+};
+
+// The order to lay the active requests on the line in, so that fewer straddle a cut
+// (tests/sched_model.py, pack_order, is the twin): first pairs of requests whose costs
+// add up to a multiple of the payload, so that each pair ends on a cut; then requests
+// of whole payloads; then the rest; then those of cost 0 (and padding); index order
+// within each. Residue classes r and payload - r (r < payload - r, by r ascending) pair
+// their requests in index order, the class payload / 2 its own. Each thread places one
+// request from counts and ranks: a few block scans, no sequential walk.
+__device__ void pack_order(PackTables& t, int batch, int payload, int* warp_sums) {
+  const int tid = threadIdx.x;
+  if (tid < payload) t.count[tid] = 0;
+  const int mine = tid < batch ? t.cost[tid] : 0;
+  const int res = mine > 0 ? mine % payload : -1;
+  if (tid < batch) t.residue[tid] = res;
+  __syncthreads();
+  if (res >= 0) atomicAdd(&t.count[res], 1);
+  int rank = 0;  // among the requests of this residue, by index (four a load: no latency chain)
+  for (int j = 0; j < tid && res >= 0; j += 4) {
+    const int4 r4 = reinterpret_cast<const int4*>(t.residue)[j / 4];
+    rank += (r4.x == res) + (r4.y == res && j + 1 < tid) + (r4.z == res && j + 2 < tid) + (r4.w == res && j + 3 < tid);
+  }
+  __syncthreads();
+  // Pairs a residue class r < payload - r makes with its partner class (r = payload / 2: with itself).
+  const int r = tid, partner = payload - tid;
+  const int pairs = r <= 0 || r >= payload || r > partner ? 0
+                    : r < partner                         ? min(t.count[r], t.count[partner])
+                                                          : t.count[r] / 2;
+  int total_pairs;
+  const int before = block_exclusive_scan(pairs, warp_sums, total_pairs);
+  if (r < payload) t.pairs_before[r] = before;
+  __syncthreads();
+  int pos = -1;
+  if (res > 0 && res < payload - res && rank < min(t.count[res], t.count[payload - res]))
+    pos = 2 * (t.pairs_before[res] + rank);
+  else if (res > payload - res && rank < min(t.count[res], t.count[payload - res]))
+    pos = 2 * (t.pairs_before[payload - res] + rank) + 1;
+  else if (res > 0 && res == payload - res && rank < t.count[res] / 2 * 2)
+    pos = 2 * t.pairs_before[res] + rank;
+  else if (res == 0)
+    pos = 2 * total_pairs + rank;
+  const bool rest = res > 0 && pos < 0, zero = tid < batch && res < 0;
+  int rests, zeros;
+  const int rest_rank = block_exclusive_scan(rest, warp_sums, rests);
+  const int zero_rank = block_exclusive_scan(zero, warp_sums, zeros);
+  if (rest) pos = 2 * total_pairs + t.count[0] + rest_rank;
+  if (zero) pos = batch - zeros + zero_rank;
+  if (tid < batch) t.order[pos] = tid;
+}
+
 __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __grid_constant__ MetadataParams p) {
   __shared__ int warp_sums[32];
-  __shared__ int part_begin[kMaxParts + 1][3];  // request, block, split index
+  __shared__ int part_begin[kMaxParts + 1][3];  // position, block, split index
   const int tid = threadIdx.x;
   const int batch = (int)p.batch, parts = (int)p.num_parts, ovh = (int)p.overhead_blocks;
   const int block_n = (int)p.block_n;
@@ -107,29 +176,60 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   // A request's length on the cost line: its cost, or padded to whole parts.
   auto line_of = [&](int cost) { return pad ? (cost + payload - 1) / payload * payload : cost; };
 
-  // Pass 2: positions on the cost line, pieces per request, and the cut points.
-  int cost_carry = 0, piece_carry = 0;
+  // The order of the requests on the line: reordered under equal payloads (pack_order).
+  __shared__ PackTables pack;
+  const bool packed = !FLASHMLA_METADATA_INDEX_ORDER && !take && 2 * count > parts &&
+                      batch <= min(kMaxOrder, kOrderPerRecord * parts) && payload <= kPackMaxPayload;
+  if (packed) {
+    if (tid < batch) pack.cost[tid] = blocks_of(tid) > 0 ? blocks_of(tid) + ovh : 0;
+    pack_order(pack, batch, payload, warp_sums);
+    __syncthreads();
+  }
+  auto request_at_pos = [&](int pos) { return packed ? (int)pack.order[pos] : pos; };
+
+  // Pass 2: each position's start on the line, hence its request's pieces (counted in
+  // num_splits, then turned into the prefix by request), then the cut points.
+  auto start_of_positions = [&](int base, int& cost_carry, int& i, int& nb, int& cost) {
+    const int pos = base + tid;
+    i = pos < batch ? request_at_pos(pos) : 0;
+    nb = pos < batch ? blocks_of(i) : 0;
+    cost = nb > 0 ? nb + ovh : 0;
+    int chunk_cost;
+    const int start = cost_carry + block_exclusive_scan(line_of(cost), warp_sums, chunk_cost);
+    cost_carry += chunk_cost;
+    return start;
+  };
+  int cost_carry = 0;
+  for (int base = 0; base < batch; base += kMetadataThreads) {
+    int i, nb, cost;
+    const int start = start_of_positions(base, cost_carry, i, nb, cost);
+    const int first_part = (start + ovh) / payload;  // part holding block 0
+    if (base + tid < batch) p.num_splits[i] = nb > 0 ? (start + ovh + nb - 1) / payload - first_part + 1 : 0;
+  }
+  __syncthreads();  // every count written
+  int piece_carry = 0;
   for (int base = 0; base < batch; base += kMetadataThreads) {
     const int i = base + tid;
-    const int nb = blocks_of(i);
-    const int cost = nb > 0 ? nb + ovh : 0;
-    int chunk_cost, chunk_pieces;
-    const int start = cost_carry + block_exclusive_scan(line_of(cost), warp_sums, chunk_cost);
-    const int first_part = (start + ovh) / payload;  // part holding block 0
-    const int pieces = nb > 0 ? (start + ovh + nb - 1) / payload - first_part + 1 : 0;
-    const int piece_start = piece_carry + block_exclusive_scan(pieces, warp_sums, chunk_pieces);
-    if (i < batch) p.num_splits[i] = piece_start;
-    if (cost > 0) {
-      for (int q = (start + payload - 1) / payload; q * payload < start + cost && q < parts; ++q) {
-        part_begin[q][0] = i;
-        part_begin[q][1] = min(max(q * payload - start - ovh, 0), nb);
-        part_begin[q][2] = piece_start + q - first_part;
-      }
-    }
-    cost_carry += chunk_cost;
+    int chunk_pieces;
+    const int first = piece_carry + block_exclusive_scan(i < batch ? p.num_splits[i] : 0, warp_sums, chunk_pieces);
+    if (i < batch) p.num_splits[i] = first;
     piece_carry += chunk_pieces;
   }
   if (tid == 0) p.num_splits[batch] = piece_carry;
+  __syncthreads();  // every prefix written
+  cost_carry = 0;
+  for (int base = 0; base < batch; base += kMetadataThreads) {
+    int i, nb, cost;
+    const int start = start_of_positions(base, cost_carry, i, nb, cost);
+    const int first_part = (start + ovh) / payload;
+    if (cost > 0) {
+      for (int q = (start + payload - 1) / payload; q * payload < start + cost && q < parts; ++q) {
+        part_begin[q][0] = base + tid;
+        part_begin[q][1] = min(max(q * payload - start - ovh, 0), nb);
+        part_begin[q][2] = p.num_splits[i] + q - first_part;
+      }
+    }
+  }
   // Parts that start past the end of the line own nothing.
   for (int q = tid; q <= parts; q += kMetadataThreads) {
     if ((long long)q * payload >= total) {
@@ -139,6 +239,11 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
     }
   }
   __syncthreads();
+  // Two positions' requests as a u16 pair (params.cuh, request_at).
+  auto order_word = [&](int pos) {
+    auto at = [&](int k) { return batch <= kOrderPerRecord * parts && k < batch ? request_at_pos(k) : 0; };
+    return at(pos) | at(pos + 1) << 16;
+  };
   for (int q = tid; q < parts; q += kMetadataThreads) {
     int* rec = p.sched + q * kSchedRecordInts;
     rec[0] = part_begin[q][0];
@@ -147,7 +252,8 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
     rec[3] = part_begin[q + 1][1];
     rec[4] = part_begin[q][2];
     rec[5] = active;
-    rec[6] = rec[7] = 0;
+    rec[6] = order_word(q * kOrderPerRecord);
+    rec[7] = order_word(q * kOrderPerRecord + 2);
   }
 }
 

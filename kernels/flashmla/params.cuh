@@ -18,13 +18,22 @@ __device__ __forceinline__ QuerySpan query_span(const int* cu_seqlens_q, int req
   return {first, cu_seqlens_q[req + 1] - first};
 }
 
-// Scheduler record of one part (one CTA column of the decode grid), 8 ints:
-//   [0] begin request  [1] begin block (in that request)
-//   [2] end request    [3] end block (exclusive, in the end request)
-//   [4] split index of the part's piece of the begin request
+// Scheduler record of one part (one CTA column of the decode grid), 8 ints. Parts walk
+// positions on the cost line (metadata.cuh), which hold the requests in an order of its
+// choosing (request_at):
+//   [0] begin position  [1] begin block (in that position's request)
+//   [2] end position    [3] end block (exclusive, in the end position's request)
+//   [4] split index of the part's piece of the begin position's request
 //   [5] active requests: those at or past it are padding (no work, no writes)
-//   [6..7] unused
+//   [6..7] the requests at positions 4 q .. 4 q + 3 (record q), a u16 each, low half
+//          first; when batch > kOrderPerRecord * parts, positions are requests
 constexpr int kSchedRecordInts = 8;
+constexpr int kOrderPerRecord = 4;
+
+__device__ __forceinline__ int request_at(const int* sched, int pos, int batch, int parts) {
+  if (batch > kOrderPerRecord * parts) return pos;
+  return reinterpret_cast<const unsigned short*>(sched + pos / kOrderPerRecord * kSchedRecordInts + 6)[pos % kOrderPerRecord];
+}
 
 struct DecodeParams {
   const void* q;              // (batch, s_q, h_q, >= head_dim_v): latent columns, last dim contiguous
