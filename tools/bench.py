@@ -277,7 +277,8 @@ def main():
                     add(128, s_k, h_q, s_q, False, s_k <= 16384)
     if "varlen" in sections:
         for s_q, h_q in ((1, 64), (2, 128)):
-            add(128, 8192, h_q, s_q, True, False)
+            for s_k in s_ks:
+                add(128, s_k, h_q, s_q, True, False)
     if "small" in sections and not args.quick:
         for batch in (1, 4, 16):  # small batches: split-KV over all SMs
             for s_k in (32768, 131072):
@@ -321,6 +322,11 @@ def main():
             peer = r.get("flashmla_b2b_us", float("nan"))
             print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['b2b_us']:>8.1f} {gbs:>6.0f} "
                   f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x")
+    fixed = {(r["s_k"], r["h_q"], r["s_q"]): r for r in rows if not r["varlen"] and r["page"] == 64 and r["kv"] == "same"}
+    pairs = [(r, fixed[r["s_k"], r["h_q"], r["s_q"]]) for r in rows if r["varlen"] and (r["s_k"], r["h_q"], r["s_q"]) in fixed]
+    if pairs:  # the varlen target: throughput at equal tokens (bytes per second) against fixed length
+        print("varlen / fixed-length throughput (GB/s): " + ", ".join(
+            f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {r['gbs'] / f['gbs']:.3f}" for r, f in pairs))
     if rows:
         print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
     if jit:
