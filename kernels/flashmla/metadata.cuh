@@ -4,8 +4,8 @@
 // cost of starting a piece: Q load, epilogue), then one unit per 64-token block. The
 // line is cut into num_parts equal payloads; part q owns the positions
 // [q * payload, (q + 1) * payload). A request whose blocks straddle cuts becomes several
-// pieces, merged later by the combine kernel. Everything follows from two prefix sums,
-// so one CTA computes it in a couple of block-wide scans (tests/sched_model.py is the
+// pieces, merged later by the combine kernel. Everything follows from prefix sums, so
+// one CTA computes it in a few block-wide scans (tests/sched_model.py is the
 // pure-Python twin of this file). Parts past the line's end begin and end at position
 // `active`, so no part reaches a padding request.
 // Equal requests a little fewer than the parts (b = 128 on 132 SMs) would all be cut in
