@@ -78,6 +78,8 @@ GRID = [
     (6, 2, 16, 8, "short", True),
     (2, 1, 128, 2, "long", False),
     (2, 4, 128, 1, "long", True),
+    (300, 1, 16, 1, "varlen", True),   # reordered on the cost line: the records carry the order
+    (600, 1, 16, 1, "short", False),   # more requests than 4 a record: positions are requests
 ]
 
 
