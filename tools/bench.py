@@ -322,8 +322,9 @@ def main():
             peer = r.get("flashmla_b2b_us", float("nan"))
             print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['b2b_us']:>8.1f} {gbs:>6.0f} "
                   f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x")
-    fixed = {(r["s_k"], r["h_q"], r["s_q"]): r for r in rows if not r["varlen"] and r["page"] == 64 and r["kv"] == "same"}
-    pairs = [(r, fixed[r["s_k"], r["h_q"], r["s_q"]]) for r in rows if r["varlen"] and (r["s_k"], r["h_q"], r["s_q"]) in fixed]
+    shape = lambda r: (r["s_k"], r["h_q"], r["s_q"])  # noqa: E731
+    fixed = {shape(r): r for r in rows if not r["varlen"] and r["page"] == 64 and r["kv"] == "same"}
+    pairs = [(r, fixed[shape(r)]) for r in rows if r["varlen"] and shape(r) in fixed]
     if pairs:  # the varlen target: throughput at equal tokens (bytes per second) against fixed length
         print("varlen / fixed-length throughput (GB/s): " + ", ".join(
             f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {r['gbs'] / f['gbs']:.3f}" for r, f in pairs))

@@ -30,9 +30,11 @@ __device__ __forceinline__ QuerySpan query_span(const int* cu_seqlens_q, int req
 constexpr int kSchedRecordInts = 8;
 constexpr int kOrderPerRecord = 4;
 
+// The request at position `pos` of the parts' walk.
 __device__ __forceinline__ int request_at(const int* sched, int pos, int batch, int parts) {
   if (batch > kOrderPerRecord * parts) return pos;
-  return reinterpret_cast<const unsigned short*>(sched + pos / kOrderPerRecord * kSchedRecordInts + 6)[pos % kOrderPerRecord];
+  const int* rec = sched + pos / kOrderPerRecord * kSchedRecordInts;
+  return reinterpret_cast<const unsigned short*>(rec + 6)[pos % kOrderPerRecord];
 }
 
 struct DecodeParams {
