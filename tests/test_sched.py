@@ -125,13 +125,14 @@ def normal_lengths(batch, mean, seed):
 def test_reordering_cuts_fewer_requests(batch, mean, parts):
     # One or two requests a part: laid in index order nearly every request straddles a
     # cut (each piece an fp32 partial, each cut request a merge). Pairs that add up to
-    # whole payloads end on cuts, and parts stay within their payload.
+    # whole payloads end on cuts, and no part gets longer than in index order.
     lens = normal_lengths(batch, mean, batch + mean)
     sched, num_splits = plan(lens, parts, 64, 5)
     _, index_order_splits = plan(lens, parts, 64, 5, reorder=False)
     cut = sum(1 for i in range(batch) if num_splits[i + 1] - num_splits[i] > 1)
     index_order_cut = sum(1 for i in range(batch) if index_order_splits[i + 1] - index_order_splits[i] > 1)
     assert cut <= 0.85 * index_order_cut, (cut, index_order_cut)
+
     def loads(sched, num_splits):  # blocks plus an overhead per piece
         load = [0] * parts
         for part, req, lo, hi, split in pieces_of(sched, num_splits, lens, 64):
