@@ -5,6 +5,7 @@ tests check the plan's properties (every block of every request done exactly onc
 parts balanced) on this model.
 """
 
+import itertools
 
 ORDER_PER_RECORD = 4  # u16 request indices in ints 6-7 of a record (kOrderPerRecord)
 MAX_ORDER = 1024      # requests the metadata kernel reorders at most (kMetadataThreads)
@@ -75,7 +76,7 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
             first_part = (start + overhead) // payload
             pieces[i] = (start + overhead + blocks[i] - 1) // payload - first_part + 1
         start += lines[i]
-    num_splits = [sum(pieces[:i]) for i in range(batch + 1)]
+    num_splits = [0, *itertools.accumulate(pieces)]
     begin = [None] * (num_parts + 1)
     for pos, (i, start) in enumerate(zip(order, starts)):
         first_part = (start + overhead) // payload

@@ -76,7 +76,6 @@ __device__ __forceinline__ int block_max(int x, int* warp_vals) {
 
 // The shared tables of pack_order.
 struct PackTables {
-  int cost[kMaxOrder];                // by request
   alignas(16) int residue[kMaxOrder];  // cost % payload by request, -1 for cost 0
   int count[kPackMaxPayload];         // requests of each residue
   int pairs_before[kPackMaxPayload];  // pairs of the residue classes below r (r < payload - r)
@@ -89,11 +88,11 @@ struct PackTables {
 // of whole payloads; then the rest; then those of cost 0 (and padding); index order
 // within each. Residue classes r and payload - r (r < payload - r, by r ascending) pair
 // their requests in index order, the class payload / 2 its own. Each thread places one
-// request from counts and ranks: a few block scans, no sequential walk.
-__device__ void pack_order(PackTables& t, int batch, int payload, int* warp_sums) {
+// request from counts and ranks: a few block scans, no sequential walk. `mine`: this
+// thread's request's cost (0 past the batch).
+__device__ void pack_order(PackTables& t, int mine, int batch, int payload, int* warp_sums) {
   const int tid = threadIdx.x;
   if (tid < payload) t.count[tid] = 0;
-  const int mine = tid < batch ? t.cost[tid] : 0;
   const int res = mine > 0 ? mine % payload : -1;
   if (tid < batch) t.residue[tid] = res;
   __syncthreads();
@@ -181,8 +180,8 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   const bool packed = !FLASHMLA_METADATA_INDEX_ORDER && !take && 2 * count > parts &&
                       batch <= min(kMaxOrder, kOrderPerRecord * parts) && payload <= kPackMaxPayload;
   if (packed) {
-    if (tid < batch) pack.cost[tid] = blocks_of(tid) > 0 ? blocks_of(tid) + ovh : 0;
-    pack_order(pack, batch, payload, warp_sums);
+    const int nb = tid < batch ? blocks_of(tid) : 0;
+    pack_order(pack, nb > 0 ? nb + ovh : 0, batch, payload, warp_sums);
     __syncthreads();
   }
   auto request_at_pos = [&](int pos) { return packed ? (int)pack.order[pos] : pos; };
