@@ -67,7 +67,19 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
     total = sum(lines)
     packed = reorder and not took and 2 * count > num_parts and \
         batch <= min(MAX_ORDER, ORDER_PER_RECORD * num_parts) and payload <= MAX_PAYLOAD
-    order = pack_order(costs, payload) if packed else list(range(batch))
+    order = list(range(batch))
+
+    def line_pieces(order):  # pieces the line cuts the requests into, laid in this order
+        start, pieces = 0, 0
+        for i in order:
+            if blocks[i] > 0:
+                pieces += (start + overhead + blocks[i] - 1) // payload - (start + overhead) // payload + 1
+            start += lines[i]
+        return pieces
+    if packed:  # kept when it cuts fewer pieces (pairs can lose when requests span several parts)
+        reordered = pack_order(costs, payload)
+        if line_pieces(reordered) < line_pieces(order):
+            order = reordered
     # Positions on the line: request order[pos] at starts[pos]; pieces per request.
     starts, pieces, start = [], [0] * batch, 0
     for i in order:

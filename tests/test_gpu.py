@@ -391,6 +391,13 @@ def test_metadata_matches_python_model():
         exp_sched, exp_ns = plan(lens.tolist(), sched.shape[0], 64, OVERHEAD_BLOCKS, active=active,
                                  whole_slack_pct=pct, whole_slack_blocks=blocks)
         assert (ns.cpu().tolist(), sched.cpu().tolist()) == (exp_ns, exp_sched)
+    # Pairs on the line that cut fewer pieces (kept), and ones that cut more (index order kept).
+    for lens in ([i * 37 % 3000 + 64 for i in range(100)], [64 * (1 + i % 9) + i for i in range(100)]):
+        sched, ns = get_mla_metadata(torch.tensor(lens, dtype=torch.int32, device="cuda"), 16, 1)
+        pct, blocks = whole_slack(16)
+        exp_sched, exp_ns = plan(lens, sched.shape[0], 64, OVERHEAD_BLOCKS, whole_slack_pct=pct,
+                                 whole_slack_blocks=blocks)
+        assert (ns.cpu().tolist(), sched.cpu().tolist()) == (exp_ns, exp_sched)
 
 
 def test_torch_compile_fullgraph_traces_the_ops():

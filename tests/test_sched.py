@@ -143,6 +143,16 @@ def test_reordering_cuts_fewer_requests(batch, mean, parts):
     assert sorted(request_at(sched, pos, batch) for pos in range(batch)) == list(range(batch))
 
 
+@pytest.mark.parametrize("lens,parts", [([64 * (1 + i % 9) + i for i in range(100)], 132)] +
+                         [random_case(s) for s in range(60, 90)])
+def test_reordering_never_cuts_more_pieces(lens, parts):
+    # Pairs can lose to index order when requests span several parts (the first case:
+    # 159 pieces against 148); the plan then keeps index order.
+    _, num_splits = plan(lens, parts, 64, 5)
+    _, index_order_splits = plan(lens, parts, 64, 5, reorder=False)
+    assert num_splits[-1] <= index_order_splits[-1]
+
+
 def test_order_is_left_alone_when_the_records_cannot_hold_it():
     # More requests than 4 a record: positions are requests (ints 6-7 unused).
     lens = normal_lengths(600, 2048, 1)

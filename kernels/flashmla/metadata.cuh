@@ -175,14 +175,26 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   // A request's length on the cost line: its cost, or padded to whole parts.
   auto line_of = [&](int cost) { return pad ? (cost + payload - 1) / payload * payload : cost; };
 
-  // The order of the requests on the line: reordered under equal payloads (pack_order).
+  // The order of the requests on the line: reordered under equal payloads (pack_order),
+  // kept when the line then cuts them into fewer pieces than in index order (pairs can
+  // lose to it when requests span several parts).
   __shared__ PackTables pack;
-  const bool packed = !FLASHMLA_METADATA_INDEX_ORDER && !take && 2 * count > parts &&
-                      batch <= min(kMaxOrder, kOrderPerRecord * parts) && payload <= kPackMaxPayload;
+  bool packed = !FLASHMLA_METADATA_INDEX_ORDER && !take && 2 * count > parts &&
+                batch <= min(kMaxOrder, kOrderPerRecord * parts) && payload <= kPackMaxPayload;
   if (packed) {
     const int nb = tid < batch ? blocks_of(tid) : 0;
     pack_order(pack, nb > 0 ? nb + ovh : 0, batch, payload, warp_sums);
     __syncthreads();
+    auto pieces_when = [&](bool reordered) {  // one position a thread (batch <= kMaxOrder)
+      const int i = tid < batch ? (reordered ? (int)pack.order[tid] : tid) : 0;
+      const int nb = tid < batch ? blocks_of(i) : 0;
+      int total, pieces;
+      const int start = block_exclusive_scan(nb > 0 ? nb + ovh : 0, warp_sums, total);
+      block_exclusive_scan(nb > 0 ? (start + ovh + nb - 1) / payload - (start + ovh) / payload + 1 : 0,
+                           warp_sums, pieces);
+      return pieces;
+    };
+    packed = pieces_when(true) < pieces_when(false);
   }
   auto request_at_pos = [&](int pos) { return packed ? (int)pack.order[pos] : pos; };
 
