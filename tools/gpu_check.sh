@@ -22,7 +22,7 @@ if [[ $stage == all || $stage == sanitize ]]; then
   for tool in memcheck racecheck; do
     # --report-api-errors no: cuda-bindings probes cuGetProcAddress for entry points the
     # driver lacks at import, which memcheck would count as errors; kernel accesses are still checked.
-    timeout 100 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 tools/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
+    timeout 240 compute-sanitizer --tool $tool --report-api-errors no --error-exitcode 9 python3 tools/sanitize_case.py > "$OUT/sanitizer_$tool.log" 2>&1
     rc=$?
     status+=("compute-sanitizer $tool: rc=$rc, $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.log" | tail -1)")
     tail -4 "$OUT/sanitizer_$tool.log"
