@@ -263,6 +263,30 @@ def test_plan_fills_every_size_and_stride():
     assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 2, 1, 1)
 
 
+@pytest.mark.parametrize("h_q, s_q, box", [(128, 2, (64, 64, 1, 1)), (64, 1, (64, 64, 1, 1)),
+                                           (16, 1, (64, 16, 4, 1)), (1, 4, (64, 1, 64, 1)), (48, 1, None)])
+def test_q_tile_maps_cover_a_64_row_tile_in_one_box(h_q, s_q, box):
+    # A tile's rows are (token, head) pairs in q's order: 64 heads of a token, or every
+    # head of the KV head for 64 / h_q tokens; 48 heads a KV head tile neither way.
+    qt = describe(torch.zeros(3, s_q, h_q, 576, dtype=torch.bfloat16), "q")
+    maps = api.q_tile_maps(qt, None, False, h_q, 576, 512)
+    if box is None:
+        assert maps is None
+        return
+    strides = (576, h_q * 576, s_q * h_q * 576)
+    assert maps[0] == (qt.ptr, (512, h_q, s_q, 3), strides, box)
+    assert maps[1] == (qt.ptr + 1024, (64, h_q, s_q, 3), strides, box)  # rope columns of the same rows
+
+
+def test_q_tile_maps_of_ragged_and_split_queries():
+    qt = describe(torch.zeros(7, 32, 512, dtype=torch.bfloat16), "q")  # (total_q, h_q, latent)
+    qpt = describe(torch.zeros(7, 32, 64, dtype=torch.bfloat16), "q_pe")
+    latent, rope = api.q_tile_maps(qt, qpt, True, 16, 576, 512)
+    assert latent == (qt.ptr, (512, 32, 7, 1), (512, 32 * 512, 7 * 32 * 512), (64, 16, 4, 1))
+    assert rope == (qpt.ptr, (64, 32, 7, 1), (64, 32 * 64, 7 * 32 * 64), (64, 16, 4, 1))
+    assert api.q_tile_maps(qt, None, True, 16, 512, 512)[1] is None  # no rope columns
+
+
 @pytest.mark.parametrize("batch,num_parts,rows,chunks", [(1, 132, 16, 1), (1, 66, 128, 2), (4, 132, 16, 2),
                                                      (4, 66, 128, 4), (16, 132, 16, 4), (16, 66, 128, 0),
                                                      (32, 66, 128, 0), (128, 132, 64, 0)])
