@@ -542,9 +542,15 @@ class _DecodePlan:
         params.q_rope[:] = struct.unpack("<16Q", self.driver.tile_map(*maps[1]) if maps[1] else bytes(128))
         params.q_tma = 1
         self.decode_template = bytes(params)
-        # One pack writes both maps' address fields (q, and q_pe or q's rope columns).
-        pack, at = struct.Struct("<Q120xQ").pack_into, SeesawParams.q_latent.offset + offset
-        self.patch_q_maps = lambda params, q, q_pe: pack(params, at, q, q_pe)
+        # Each map's address field: q, and q_pe or q's rope columns (a pack with pad bytes
+        # between them would write zeros over the rest of the latent map).
+        pack = struct.Struct("<Q").pack_into
+        latent_at, rope_at = SeesawParams.q_latent.offset + offset, SeesawParams.q_rope.offset + offset
+
+        def patch(params, q: int, q_pe: int):
+            pack(params, latent_at, q)
+            pack(params, rope_at, q_pe)
+        self.patch_q_maps = patch
 
 
 class _TorchScratch:
