@@ -142,6 +142,11 @@ struct SeesawSmem {
   static constexpr int kBarQ = kBars + 2 * kParts * 8;  // u64: the Q tile's TMA (q_tma)
   static constexpr int kQLoads = kBarQ + 8;  // int[2]: position of the last Q tile issued, tiles issued
   static constexpr int kBytes = kQLoads + 8;
+  // Epilogue: final 16-bit O rows staged over the KV buffers, free by then (sQ takes the
+  // next request's Q), rows padded so the 8 rows of a stmatrix matrix sit 4 banks apart.
+  static constexpr int kStage = kKv0;
+  static constexpr int kStageRow = kDV * 2 + 16;
+  static_assert(64 * kStageRow <= kQ, "the staging area ends before sQ");
 };
 
 template <typename T, int kD, int kDV, bool kCausal>
@@ -728,18 +733,39 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
       const int split = pos == rec[0] ? rec[4] : p.num_splits[req];
       cta_stamp(p, cta_stamp_slot(pos, rec[0], 3));
+      if (n_pieces == 1) {
+        // The final 16-bit rows leave by bulk copies (FlashMLA's way; 2-4 % faster at
+        // 4K than stores from registers, PERF.md v18): each warp stages its 16 rows of
+        // this warpgroup's 256 columns by stmatrix (matrices rows +0 / +8 x column groups
+        // 2 jj, 2 jj + 1), and 16 of its lanes hand one row each to the TMA unit, which
+        // writes whole lines while the warps go on. fp32 partials stay register stores
+        // (as bulk copies no faster, and slower in some runs).
+        const int elane = etid % 32, wrow0 = (etid / 32 % 4) * 16;
+        const u32 rb = sbase + L::kStage + (wrow0 + elane % 16) * L::kStageRow + wg * 512 + elane / 16 * 16;
+#pragma unroll
+        for (int jj = 0; jj < 16; ++jj)
+          stmatrix_x4(rb + 32 * jj, cvt_pack(o[8 * jj] * inv[0], o[8 * jj + 1] * inv[0], T{}),
+                      cvt_pack(o[8 * jj + 2] * inv[1], o[8 * jj + 3] * inv[1], T{}),
+                      cvt_pack(o[8 * jj + 4] * inv[0], o[8 * jj + 5] * inv[0], T{}),
+                      cvt_pack(o[8 * jj + 6] * inv[1], o[8 * jj + 7] * inv[1], T{}));
+        fence_proxy_async_shared();  // generic writes, read by the bulk copies (async proxy)
+        __syncwarp();
+        const int r = m_block * 64 + wrow0 + elane;
+        const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+        if (elane < 16 && r < span.count * hpk) {
+          const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
+          bulk_store((u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride + wg * 256,
+                     sbase + L::kStage + (wrow0 + elane) * L::kStageRow + wg * 512, 512);
+          bulk_commit_group();
+        }
+      }
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int r = m_block * 64 + row0 + 8 * h;
         const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
         if (r >= span.count * hpk) continue;
         const int tok = span.first + r / hpk, hq = head_kv * hpk + r % hpk;
-        if (n_pieces == 1) {  // the whole request is in this part: write the final result
-          u16* dst = (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride +
-                     wg * 256 + 2 * t;
-#pragma unroll
-          for (int j = 0; j < 32; ++j)
-            *(u32*)(dst + 8 * j) = cvt_pack(o[4 * j + 2 * h] * inv[h], o[4 * j + 2 * h + 1] * inv[h], T{});
+        if (n_pieces == 1) {  // the whole request is in this part: its rows left above, here its lse
           if (wg == 0 && t == 0)
             p.lse[req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride] =
                 empty[h] ? __int_as_float(0x7f800000) : (__log2f(l_run[h]) + m_run[h]) * kLn2;
@@ -758,6 +784,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         }
       }
     }
+    // The staging area is the next request's KV buffers: read out before its first loads
+    // (after the __syncthreads that starts it) and before the CTA exits.
+    bulk_wait_read();
     cta_stamp(p, cta_stamp_slot(pos, rec[0], 4));
   }
   cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3);

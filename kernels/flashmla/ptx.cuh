@@ -162,6 +162,15 @@ __device__ __forceinline__ u64 l2_evict_first_policy() {
 __device__ __forceinline__ void st_global_f2_hint(float* ptr, float a, float b, u64 policy) {
   asm volatile("st.global.L2::cache_hint.v2.f32 [%0], {%1, %2}, %3;\n" ::"l"(ptr), "f"(a), "f"(b), "l"(policy) : "memory");
 }
+// Bulk copy of `bytes` (a multiple of 16; both addresses 16-byte aligned) from shared to
+// global memory by the TMA unit, in the issuing thread's bulk group: the warp goes on
+// while the copy drains. The source may be overwritten once bulk_wait_read returns; the
+// writes complete before the grid does, so later work in the stream sees them.
+__device__ __forceinline__ void bulk_store(void* dst, u32 src, u32 bytes) {
+  asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst), "r"(src), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit_group() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
 // Drop a 128-byte L2 line (128-byte aligned) without writing it back: its contents
 // become undefined, and a dirty line costs no DRAM write.
 __device__ __forceinline__ void discard_l2_line(const void* ptr) {
