@@ -9,7 +9,6 @@ need the seqlens and page ids on the host.
 from __future__ import annotations
 
 import math
-import struct
 
 from . import settings
 from .spec import (BLOCK_N, MAX_PARTS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
@@ -424,11 +423,6 @@ class _DecodePlan:
             *(kpt or kt).strides[:3], bt.strides[0], *bsh(o_strides), *lse_strides,
             batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
             softmax_scale * math.log2(math.e), 0, k_scale_value)
-        # Q tiles by TMA where each is one box per 64 columns (the maps are encoded with
-        # the first cache's, _seesaw_template); per call q's addresses are patched in.
-        self.q_maps = (q_tile_maps(qt, qpt, ragged, heads_per_kv, head_dim, head_dim_v)
-                       if self.seesaw and settings.get().q_tma else None)
-        self.patch_q_maps = None
         if self.seesaw:
             self.decode_params = SeesawParams(p=self.decode_params)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
@@ -490,8 +484,6 @@ class _DecodePlan:
             k_pe = k_ptr + 2 * self.head_dim_v
         template = self._seesaw_template(k_ptr, k_pe) if self.seesaw else self.decode_template
         params = type(self.decode_params).from_buffer_copy(template)
-        if self.patch_q_maps:
-            self.patch_q_maps(params, q_ptr, q_pe)
         self.pack_decode(params, q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns, out_ptr, lse_ptr, o_accum, lse_accum)
         if k_scale:
             self.pack_k_scale(params, k_scale)
@@ -516,12 +508,10 @@ class _DecodePlan:
         return out, lse, scratch
 
     def _seesaw_template(self, k: int, k_pe: int) -> bytes:
-        """The seesaw parameters with their two KV tensor maps (latent, rope) for these cache
+        """The seesaw parameters with their two tensor maps (latent, rope) for these cache
         addresses; encoded once per address pair (serving engines keep one cache per layer)."""
         template = self.seesaw_templates.get((k, k_pe))
         if template is None:
-            if self.q_maps is not None:
-                self._load_q_by_tma()
             if len(self.seesaw_templates) >= 64:
                 self.seesaw_templates.clear()
             latent, rope = self.kv_geometry
@@ -529,28 +519,6 @@ class _DecodePlan:
             maps += self.driver.kv_tensor_map(k_pe, *rope) if rope[0] else bytes(128)
             template = self.seesaw_templates[(k, k_pe)] = maps + self.decode_template[len(maps):]
         return template
-
-    def _load_q_by_tma(self):
-        """Switch the kernel to Q tiles by TMA (one thread issues them, and the next
-        request's tile loads during this one's stores): the Q maps go into the template,
-        encoded once, where the driver keeps a map's address in a place a call can patch."""
-        offset, maps, self.q_maps = self.driver.tensor_map_address_offset(), self.q_maps, None
-        if offset is None:
-            return
-        params = SeesawParams.from_buffer_copy(self.decode_template)
-        params.q_latent[:] = struct.unpack("<16Q", self.driver.tile_map(*maps[0]))
-        params.q_rope[:] = struct.unpack("<16Q", self.driver.tile_map(*maps[1]) if maps[1] else bytes(128))
-        params.q_tma = 1
-        self.decode_template = bytes(params)
-        # Each map's address field: q, and q_pe or q's rope columns (a pack with pad bytes
-        # between them would write zeros over the rest of the latent map).
-        pack = struct.Struct("<Q").pack_into
-        latent_at, rope_at = SeesawParams.q_latent.offset + offset, SeesawParams.q_rope.offset + offset
-
-        def patch(params, q: int, q_pe: int):
-            pack(params, latent_at, q)
-            pack(params, rope_at, q_pe)
-        self.patch_q_maps = patch
 
 
 class _TorchScratch:
@@ -582,31 +550,6 @@ class _TorchScratch:
 
     def __del__(self):
         self._raw[1](self.ptr)
-
-
-def q_tile_maps(qt: Tensor, qpt: Tensor | None, ragged: bool, heads_per_kv: int, head_dim: int, head_dim_v: int):
-    """(address, dims, strides, box) of the seesaw kernel's two Q maps (latent columns of
-    q, rope columns of q_pe or of q), q seen as (columns, heads, tokens, requests); None
-    where a 64-row tile is not one box: its rows are 64 heads of one token when a KV head
-    has a multiple of 64 query heads, or all of them for 64 / heads_per_kv tokens."""
-    if heads_per_kv % 64 and 64 % heads_per_kv:
-        return None
-    box = (64, 64, 1, 1) if heads_per_kv % 64 == 0 else (64, heads_per_kv, 64 // heads_per_kv, 1)
-
-    def view(t: Tensor, address: int, cols: int):
-        if ragged:  # (total_q, h_q, d): tokens of every request in one dimension
-            (tokens, heads), (tok_stride, head_stride) = t.shape[:2], t.strides[:2]
-            dims, strides = (cols, heads, tokens, 1), (head_stride, tok_stride, tok_stride * tokens)
-        else:       # (batch, s_q, h_q, d)
-            dims = (cols, t.shape[2], t.shape[1], t.shape[0])
-            strides = (t.strides[2], t.strides[1], t.strides[0])
-        return address, dims, strides, box
-
-    rope = head_dim - head_dim_v
-    latent = view(qt, qt.ptr, head_dim_v)
-    if not rope:
-        return latent, None
-    return latent, (view(qpt, qpt.ptr, rope) if qpt else view(qt, qt.ptr + 2 * head_dim_v, rope))
 
 
 def _contiguous_strides(shape):

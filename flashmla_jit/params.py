@@ -34,12 +34,10 @@ class DecodeParams(ctypes.Structure):
 
 
 class SeesawParams(ctypes.Structure):
-    """Four CUtensorMaps (128 bytes each, 64-byte aligned on the device), DecodeParams and
-    the Q-by-TMA flag; the tail pads to the device struct's size, a multiple of its 64-byte
-    alignment."""
-    _fields_ = [("k_latent", ctypes.c_uint64 * 16), ("k_rope", ctypes.c_uint64 * 16),
-                ("q_latent", ctypes.c_uint64 * 16), ("q_rope", ctypes.c_uint64 * 16), ("p", DecodeParams),
-                ("q_tma", I), ("_pad", ctypes.c_uint64 * ((-ctypes.sizeof(DecodeParams) // 8 - 1) % 8))]
+    """Two CUtensorMaps (128 bytes each, 64-byte aligned on the device) then DecodeParams;
+    the tail pads to the device struct's size, a multiple of its 64-byte alignment."""
+    _fields_ = [("k_latent", ctypes.c_uint64 * 16), ("k_rope", ctypes.c_uint64 * 16), ("p", DecodeParams),
+                ("_pad", ctypes.c_uint64 * (-ctypes.sizeof(DecodeParams) // 8 % 8))]
 
 
 class CombineParams(ctypes.Structure):

@@ -145,7 +145,7 @@ class KernelSpec:
             rope = self.head_dim > self.head_dim_v
             tiles = 3 * BLOCK_N * self.head_dim * 2 + (1 if rope else 2) * BLOCK_N * 128
             parts = 3 if rope else 2  # one mbarrier per buffer part: sub-tiles 0-3, 4-7, rope
-            return tiles + 1280 + (2 * parts + 1) * 8 + 8  # and one for the Q tile, its bookkeeping
+            return tiles + 1280 + 2 * parts * 8
         col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
         kv = (2 if self.kv_format == "same" else 1) * BLOCK_N * self.head_dim * 2
         stage = 0 if self.kv_format == "same" else 2 * BLOCK_N * fp8_stage_pitch(self.kv_format, self.head_dim)

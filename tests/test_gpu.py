@@ -141,32 +141,6 @@ def test_seesaw_and_cp_async_kernels_agree(s_q, h_q, page_size, monkeypatch):
     assert (outs[0] - outs[1]).abs().max().item() < 2e-2
 
 
-@pytest.mark.parametrize("s_q,h_q,h_kv", [(1, 16, 1), (3, 16, 1), (2, 128, 1), (1, 64, 2), (1, 1, 1), (2, 48, 1)])
-def test_q_tiles_by_tma_and_by_every_thread_agree(s_q, h_q, h_kv, monkeypatch):
-    """The seesaw kernel loads Q tiles by TMA (the next request's during this one's stores)
-    where a 64-row tile is one box (h_q / h_kv a multiple or a divisor of 64; not 48);
-    FLASHMLA_JIT_Q_TMA=0 copies them with every thread. Both match the reference over
-    parts of several requests, tiles past s_q, and a second call's new q (patched maps)."""
-    from flashmla_jit import api, settings
-    seqlens = [700, 64, 1, 4000, 0, 130, 2500, 65, 3000, 900]
-    sched, num_splits = None, None
-    for flag in ("1", "0"):
-        monkeypatch.setenv("FLASHMLA_JIT_Q_TMA", flag)
-        settings.get.cache_clear()
-        api._plans.clear()
-        for _ in range(2):  # the second call takes the plan and patches its q in
-            q, k_cache, block_table, seqlens_t = make_inputs(len(seqlens), s_q, h_q, h_kv, seqlens)
-            sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
-            poison_allocator(((len(seqlens), s_q, h_q, 512), torch.bfloat16), ((len(seqlens), h_q, s_q), torch.float32))
-            out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=True)
-            ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=True)
-            assert_close(out, lse, ref_out, ref_lse, f"q_tma={flag} s_q={s_q} h_q={h_q} h_kv={h_kv}")
-        plan = next(iter(api._plans.values()))
-        assert plan.seesaw and (plan.patch_q_maps is not None) == (flag == "1" and h_q // h_kv != 48)
-    settings.get.cache_clear()
-    api._plans.clear()
-
-
 @pytest.mark.parametrize("s_q,h_q", [(2, 128), (1, 64)])
 def test_running_max_climbs_and_jumps(s_q, h_q):
     """Scores that climb along each sequence (a block's row max passes the running max by

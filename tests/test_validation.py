@@ -263,59 +263,6 @@ def test_plan_fills_every_size_and_stride():
     assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 2, 1, 1)
 
 
-@pytest.mark.parametrize("h_q, s_q, box", [(128, 2, (64, 64, 1, 1)), (64, 1, (64, 64, 1, 1)),
-                                           (16, 1, (64, 16, 4, 1)), (1, 4, (64, 1, 64, 1)), (48, 1, None)])
-def test_q_tile_maps_cover_a_64_row_tile_in_one_box(h_q, s_q, box):
-    # A tile's rows are (token, head) pairs in q's order: 64 heads of a token, or every
-    # head of the KV head for 64 / h_q tokens; 48 heads a KV head tile neither way.
-    qt = describe(torch.zeros(3, s_q, h_q, 576, dtype=torch.bfloat16), "q")
-    maps = api.q_tile_maps(qt, None, False, h_q, 576, 512)
-    if box is None:
-        assert maps is None
-        return
-    strides = (576, h_q * 576, s_q * h_q * 576)
-    assert maps[0] == (qt.ptr, (512, h_q, s_q, 3), strides, box)
-    assert maps[1] == (qt.ptr + 1024, (64, h_q, s_q, 3), strides, box)  # rope columns of the same rows
-
-
-def test_q_tile_maps_of_ragged_and_split_queries():
-    qt = describe(torch.zeros(7, 32, 512, dtype=torch.bfloat16), "q")  # (total_q, h_q, latent)
-    qpt = describe(torch.zeros(7, 32, 64, dtype=torch.bfloat16), "q_pe")
-    latent, rope = api.q_tile_maps(qt, qpt, True, 16, 576, 512)
-    assert latent == (qt.ptr, (512, 32, 7, 1), (512, 32 * 512, 7 * 32 * 512), (64, 16, 4, 1))
-    assert rope == (qpt.ptr, (64, 32, 7, 1), (64, 32 * 64, 7 * 32 * 64), (64, 16, 4, 1))
-    assert api.q_tile_maps(qt, None, True, 16, 512, 512)[1] is None  # no rope columns
-
-
-@pytest.mark.parametrize("q_tma", ["1", "0"])
-def test_q_maps_go_into_the_template_and_calls_patch_only_their_addresses(q_tma, monkeypatch):
-    from flashmla_jit import driver
-    from flashmla_jit.params import SeesawParams
-    body = bytes(range(1, 121))  # a map's bytes after its address
-    monkeypatch.setattr(driver, "tensor_map_address_offset", lambda: 0)
-    monkeypatch.setattr(driver, "tile_map", lambda address, dims, strides, box: address.to_bytes(8, "little") + body)
-    monkeypatch.setattr(driver, "kv_tensor_map", lambda address, *geometry: address.to_bytes(8, "little") + bytes(120))
-    monkeypatch.setenv("FLASHMLA_JIT_Q_TMA", q_tma)
-    settings.get.cache_clear()
-    try:
-        q = describe(torch.zeros(2, 1, 16, 576, dtype=torch.bfloat16), "q")
-        k = describe(torch.zeros(8, 64, 1, 576, dtype=torch.bfloat16), "k_cache")
-        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
-        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
-        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, 16, 1, 576, 512, None, False,
-                               (2, 1, 16, 512), (2, 16, 1), ("same", None, 1.0))
-        params = SeesawParams.from_buffer_copy(plan._seesaw_template(0x1000, 0x1400))
-        assert params.q_tma == (q_tma == "1") and (plan.patch_q_maps is not None) == (q_tma == "1")
-        if plan.patch_q_maps:
-            plan.patch_q_maps(params, 0x5000, 0x5400)  # a later call's q
-            raw = bytes(params)
-            assert raw[:8] == (0x1000).to_bytes(8, "little")
-            assert raw[256:384] == (0x5000).to_bytes(8, "little") + body
-            assert raw[384:512] == (0x5400).to_bytes(8, "little") + body
-    finally:
-        settings.get.cache_clear()
-
-
 @pytest.mark.parametrize("batch,num_parts,rows,chunks", [(1, 132, 16, 1), (1, 66, 128, 2), (4, 132, 16, 2),
                                                      (4, 66, 128, 4), (16, 132, 16, 4), (16, 66, 128, 0),
                                                      (32, 66, 128, 0), (128, 132, 64, 0)])

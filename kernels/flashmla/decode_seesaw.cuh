@@ -122,8 +122,8 @@ constexpr int kBarP1 = 4;    // WG1 -> WG0: sP1 written
 constexpr int kBarWg = 5;    // + warpgroup: its own zeroed V rows visible to its wgmma
 
 // Shared memory plan (bytes; every tile on a 1024-byte boundary for the 128-byte swizzle).
-// d = 576: kv 2 x 73728 + q 73728 + sP0 8192 + stats 1280 + barriers 56 + 8 = 230720
-// (sP1 aliases sQ's rope sub-tile); d = 512: 2 x 65536 + 65536 + 2 x 8192 + 1280 + 48.
+// d = 576: kv 2 x 73728 + q 73728 + sP0 8192 + stats 1280 + barriers 48 = 230704 (sP1
+// aliases sQ's rope sub-tile); d = 512: 2 x 65536 + 65536 + 2 x 8192 + 1280 + 32.
 template <int kD, int kDV>
 struct SeesawSmem {
   static constexpr bool kRope = kD > kDV;  // one 64-column rope sub-tile after the latent part
@@ -139,11 +139,9 @@ struct SeesawSmem {
   static constexpr int kRowLimit = kStats + 1024;  // int[64]: keys [0, limit) visible
   static constexpr int kParts = kRope ? 3 : 2;   // sub-tile groups with one mbarrier each (below)
   static constexpr int kBars = kStats + 1280;     // u64[2][kParts]
-  static constexpr int kBarQ = kBars + 2 * kParts * 8;  // u64: the Q tile's TMA (q_tma)
-  static constexpr int kQLoads = kBarQ + 8;  // int[2]: position of the last Q tile issued, tiles issued
-  static constexpr int kBytes = kQLoads + 8;
-  // Epilogue: final 16-bit O rows staged over the KV buffers, free by then (sQ takes the
-  // next request's Q), rows padded so the 8 rows of a stmatrix matrix sit 4 banks apart.
+  static constexpr int kBytes = kBars + 2 * kParts * 8;
+  // Epilogue: final 16-bit O rows staged over the KV buffers, free by then, rows padded so
+  // the 8 rows of a stmatrix matrix sit 4 banks apart.
   static constexpr int kStage = kKv0;
   static constexpr int kStageRow = kDV * 2 + 16;
   static_assert(64 * kStageRow <= kQ, "the staging area ends before sQ");
@@ -177,10 +175,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   float* s_rowsum = reinterpret_cast<float*>(smem + L::kRowSum);
   int* s_limit = reinterpret_cast<int*>(smem + L::kRowLimit);
   auto bar = [&](int buf, int part) { return sbase + L::kBars + (buf * L::kParts + part) * 8; };
-  const u32 bar_q = sbase + L::kBarQ;
-  // Q-tile bookkeeping lives in shared memory, not in registers held across the main loop.
-  int* s_qloads = reinterpret_cast<int*>(smem + L::kQLoads);
-  const bool q_tma = sp.q_tma != 0;
 
   const int tid = threadIdx.x, wtid = tid % 128, warp = tid / 32, lane = tid % 32;
   // Warpgroup index broadcast from lane 0: provably warp-uniform, so ptxas does not treat
@@ -200,56 +194,22 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     prefetch_tensor_map(&sp.k_latent);
     if (kRope) prefetch_tensor_map(&sp.k_rope);
     for (int i = 0; i < 2 * L::kParts; ++i) mbarrier_init(bar(i / L::kParts, i % L::kParts), 1);
-    if (q_tma) {
-      prefetch_tensor_map(&sp.q_latent);
-      if (kRope) prefetch_tensor_map(&sp.q_rope);
-      mbarrier_init(bar_q, 1);
-      s_qloads[0] = -1, s_qloads[1] = 0;
-    }
     fence_mbarrier_init();
   }
   // Phase parity of the buffer this warpgroup's S reads (WG0: kv0, WG1: kv1); it flips
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
 
-  // The part's work at a position: its blocks of the request and its query span; none
-  // when the range is empty or this m-block holds none of the request's rows.
-  struct Work {
-    int req, seqlen, lo, hi;
-    QuerySpan span;
-    bool any;
-  };
-  auto work_at = [&](int pos) {
-    Work w;
-    w.req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
-    w.seqlen = p.seqlens[w.req];
-    const BlockRange blocks = part_blocks(w.seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
-    w.lo = blocks.lo, w.hi = blocks.hi;
-    w.span = query_span(p.cu_seqlens_q, w.req, (int)p.s_q);
-    w.any = w.lo < w.hi && m_block * 64 < w.span.count * hpk;
-    return w;
-  };
-  // Q tile of position `pos` by TMA (thread 0, q_tma): rows m_block * 64.. are (token,
-  // head) pairs in q's order, one box per 64-column sub-tile. Rows past the request's
-  // are past s_q (zeros) or another request's tokens (finite; never stored). Every
-  // request waits for exactly one tile, so the n-th tile completes phase n % 2.
-  auto load_q_tma = [&](int pos, int req, QuerySpan span) {
-    s_qloads[0] = pos, s_qloads[1] += 1;
-    const int r0 = m_block * 64, head0 = head_kv * hpk + r0 % hpk, tok0 = span.first + r0 / hpk;
-    const int batch = p.cu_seqlens_q == nullptr ? req : 0;
-    mbarrier_arrive_expect_tx(bar_q, 64 * kD * 2);
-#pragma unroll 1
-    for (int sub = 0; sub < kDV / 64; ++sub) tma_load_4d(sq + sub * kSubTileBytes, &sp.q_latent, bar_q, sub * 64, head0, tok0, batch);
-    if (kRope) tma_load_4d(sq + kRopeSub * kSubTileBytes, &sp.q_rope, bar_q, 0, head0, tok0, batch);
-  };
-
   for (int pos = rec[0], last = min(rec[2], (int)p.batch - 1); pos <= last; ++pos) {
-    const Work w = work_at(pos);
-    if (!w.any) continue;
-    const int req = w.req, seqlen = w.seqlen, lo = w.lo, hi = w.hi;
-    const QuerySpan span = w.span;
+    const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
+    const int seqlen = p.seqlens[req];
+    const BlockRange blocks = part_blocks(seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
+    const int lo = blocks.lo, hi = blocks.hi;
+    if (lo >= hi) continue;
     const int kv_len = (int)min((i64)seqlen, kv_cap);
+    const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
     const int req_rows = span.count * hpk;  // this request's query rows per KV head
+    if (m_block * 64 >= req_rows) continue;
 
     __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
     cta_stamp(p, cta_stamp_slot(pos, rec[0], 0));
@@ -288,26 +248,20 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       if (kRope) load_kv(blk, page, buf, kRopePart);
     };
     if (tid == 0) {
-      if (q_tma && s_qloads[0] != pos) load_q_tma(pos, req, span);  // else issued in the previous epilogue
       load_block(lo, 0);
       if (lo + 1 < hi) load_block(lo + 1, 1);
     }
 
     // Q: per-thread values recomputed (opaque), not held across the main loop
-    if (!q_tma) {
-      load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
-      cp_async_commit_group();
-    }
+    load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
+    cp_async_commit_group();
     if (tid < 64) {  // per-row visible length (end-aligned causal mask)
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
     }
-    if (!q_tma) {
-      cp_async_wait_all();
-      fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
-    }
-    __syncthreads();  // Q and row limits visible to everyone (and this request's Q tile issued)
-    if (q_tma) mbarrier_wait(bar_q, (s_qloads[1] - 1) % 2);  // read before the epilogue issues the next
+    cp_async_wait_all();
+    fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
+    __syncthreads();             // Q and row limits visible to everyone
 
     // The rope part of Q as RS A fragments (4 k-steps x 4 registers): frees sQ's rope
     // sub-tile for sP1. Lanes 0-15 address rows 0-15 of the warp's slice at the k-step's
@@ -709,17 +663,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         if (t == 0) s_rowsum[wg * 64 + row0 + 8 * h] = l_run[h];
       }
       __syncthreads();
-      // Every S and PV of this request is done, so sQ (and sP1 in it) is free: the next
-      // request's Q tile loads while this one's outputs are stored.
-      if (q_tma && etid == 0) {
-        int next = pos + 1;
-        while (next <= last && !work_at(next).any) ++next;
-        if (next <= last) {
-          const Work nw = work_at(next);
-          fence_proxy_async_shared();  // sP1's generic writes before the async proxy's
-          load_q_tma(next, nw.req, nw.span);
-        }
-      }
       float inv[2];
       bool empty[2];
 #pragma unroll
@@ -734,7 +677,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       const int split = pos == rec[0] ? rec[4] : p.num_splits[req];
       cta_stamp(p, cta_stamp_slot(pos, rec[0], 3));
       if (n_pieces == 1) {
-        // The final 16-bit rows leave by bulk copies (FlashMLA's way; 2-4 % faster at
+        // The final 16-bit rows leave by bulk copies (FlashMLA's way; 3 % faster at h128
         // 4K than stores from registers, PERF.md v18): each warp stages its 16 rows of
         // this warpgroup's 256 columns by stmatrix (matrices rows +0 / +8 x column groups
         // 2 jj, 2 jj + 1), and 16 of its lanes hand one row each to the TMA unit, which

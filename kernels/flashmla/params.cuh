@@ -76,17 +76,11 @@ struct alignas(64) TensorMap {
 
 // The seesaw decode kernel (64-row tiles, page_size % 64 == 0) loads KV blocks with TMA:
 // two tensor maps over the cache, each a 4-D view (columns, KV heads, rows in a page,
-// pages) with 64 x 64 boxes, 128-byte swizzled. When q_tma is set it loads Q tiles by
-// TMA too: two maps over q as (columns, heads, tokens, requests) whose box is 64 columns
-// of a tile's 64 rows (64 heads of a token, or every head of a KV head for 64 / hpk
-// tokens); else every thread copies its share of Q (cp.async).
+// pages) with 64 x 64 boxes, 128-byte swizzled, followed by the usual parameters.
 struct SeesawParams {
   TensorMap k_latent;  // k's latent columns [0, head_dim_v)
   TensorMap k_rope;    // k_pe's rope columns (unused when head_dim == head_dim_v)
-  TensorMap q_latent;  // q's latent columns (with q_tma)
-  TensorMap q_rope;    // q_pe's rope columns (with q_tma, when head_dim > head_dim_v)
   DecodeParams p;
-  i64 q_tma;           // 1: Q by the two maps above
 };
 
 // The per-tensor FP8 scale (a coherent load: the scale may come from a preceding kernel).
