@@ -69,11 +69,13 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
         batch <= min(MAX_ORDER, ORDER_PER_RECORD * num_parts) and payload <= MAX_PAYLOAD
     order = list(range(batch))
 
+    def pieces_of(start, nb):  # the parts a request's blocks fall in, starting at `start`
+        return (start + overhead + nb - 1) // payload - (start + overhead) // payload + 1 if nb > 0 else 0
+
     def line_pieces(order):  # pieces the line cuts the requests into, laid in this order
         start, pieces = 0, 0
         for i in order:
-            if blocks[i] > 0:
-                pieces += (start + overhead + blocks[i] - 1) // payload - (start + overhead) // payload + 1
+            pieces += pieces_of(start, blocks[i])
             start += lines[i]
         return pieces
     if packed:  # kept when it cuts fewer pieces (pairs can lose when requests span several parts)
@@ -84,9 +86,7 @@ def plan(seqlens, num_parts, block_n, overhead, active=None, whole_slack_pct=0, 
     starts, pieces, start = [], [0] * batch, 0
     for i in order:
         starts.append(start)
-        if blocks[i] > 0:
-            first_part = (start + overhead) // payload
-            pieces[i] = (start + overhead + blocks[i] - 1) // payload - first_part + 1
+        pieces[i] = pieces_of(start, blocks[i])
         start += lines[i]
     num_splits = [0, *itertools.accumulate(pieces)]
     begin = [None] * (num_parts + 1)

@@ -174,6 +174,11 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   if (take) payload = (int)aligned;
   // A request's length on the cost line: its cost, or padded to whole parts.
   auto line_of = [&](int cost) { return pad ? (cost + payload - 1) / payload * payload : cost; };
+  // The pieces of a request of nb blocks starting at `start` on the line: the parts its
+  // blocks (after the overhead) fall in.
+  auto pieces_of = [&](int start, int nb) {
+    return nb > 0 ? (start + ovh + nb - 1) / payload - (start + ovh) / payload + 1 : 0;
+  };
 
   // The order of the requests on the line: reordered under equal payloads (pack_order),
   // kept when the line then cuts them into fewer pieces than in index order (pairs can
@@ -190,8 +195,7 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
       const int nb = tid < batch ? blocks_of(i) : 0;
       int total, pieces;
       const int start = block_exclusive_scan(nb > 0 ? nb + ovh : 0, warp_sums, total);
-      block_exclusive_scan(nb > 0 ? (start + ovh + nb - 1) / payload - (start + ovh) / payload + 1 : 0,
-                           warp_sums, pieces);
+      block_exclusive_scan(pieces_of(start, nb), warp_sums, pieces);
       return pieces;
     };
     packed = pieces_when(true) < pieces_when(false);
@@ -214,8 +218,7 @@ __global__ void __launch_bounds__(kMetadataThreads, 1) metadata_kernel(const __g
   for (int base = 0; base < batch; base += kMetadataThreads) {
     int i, nb, cost;
     const int start = start_of_positions(base, cost_carry, i, nb, cost);
-    const int first_part = (start + ovh) / payload;  // part holding block 0
-    if (base + tid < batch) p.num_splits[i] = nb > 0 ? (start + ovh + nb - 1) / payload - first_part + 1 : 0;
+    if (base + tid < batch) p.num_splits[i] = pieces_of(start, nb);
   }
   __syncthreads();  // every count written
   int piece_carry = 0;
