@@ -47,9 +47,9 @@
 // needs it: the S waits there are what separates this kernel from the tensor peak.
 // Cheap skips on the CUDA cores, whose work sits between the wgmmas: blocks a whole
 // warp sees entirely skip the mask, and O is not rescaled when no row's max moved.
-// Steady pairs (no mask, no V tail, the next pair present: all but the last one or two)
-// run their own copy of the pair, without the code for those cases: a loop a third
-// smaller, 5-10 % faster compute-bound (docs/PERF.md, v11).
+// Steady pairs (no mask, no V tail, the next pair present: all but the last one or two,
+// in parts of 8 blocks or more) run their own copy of the pair, without the code for
+// those cases: a loop a third smaller, 5-10 % faster compute-bound (docs/PERF.md, v11).
 //
 // ---- Who protects what ----
 // sMax0: written by WG0 before Max0, read by WG1 after it; the next write comes after
@@ -80,6 +80,7 @@ namespace flashmla {
 
 constexpr int kSeesawThreads = 256;
 constexpr float kMaxSlack = 8.f;  // how far (log2) a row max may pass the running max unnoticed
+constexpr int kSteadyMinBlocks = 8;  // a part's block range that runs the steady pair copies
 
 // FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_TRACE=1" (tools/seesaw_trace.py): in CTA
 // (0, 0, 0), thread 0 of warpgroup 0 sums the SM clock at each event of a pair minus the
@@ -489,9 +490,13 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     };
 
     // Steady pairs: both blocks seen whole by every row (row 0 sees the fewest keys) and
-    // both blocks of the next pair present. Both warpgroups decide alike, so their
-    // barriers still pair up.
-    auto steady_pair = [&](int blk) { return blk + 3 < hi && (blk + 2) * kBlockN <= s_limit[0]; };
+    // both blocks of the next pair present, in ranges of kSteadyMinBlocks or more: a short
+    // range runs the general pair only, whose code each SM fetches anyway (b = 1 h16 32K,
+    // 4 blocks a part: 1.2 us faster a step; PERF.md v19). Both warpgroups decide alike,
+    // so their barriers still pair up.
+    auto steady_pair = [&](int blk) {
+      return hi - lo >= kSteadyMinBlocks && blk + 3 < hi && (blk + 2) * kBlockN <= s_limit[0];
+    };
     if (wg == 0) {
       // ================= warpgroup 0: even blocks, O columns 0-255 =================
       trace_begin();
