@@ -32,17 +32,21 @@ def whole_slack(rows: int) -> tuple:
     return (10, 0) if rows <= 128 else (0, 12)
 
 
-def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int, sms: int) -> int:
-    """The combine grid (KernelSpec.merge_chunks): 0 = a warp per row, else a CTA per row
-    and this many 128-column chunks, the most that keep all of a request's pieces in
-    flight in one round of loads. Chosen by a cost fitted on the H100 (docs/PERF.md,
-    v15): a warp per row takes ~5 us + 0.5 us per piece after the decode kernel; the CTA
-    grid ~3 us + 2.2 us per wave of 2 CTAs an SM (b = 16 h128: 7.5 against 20.3 us; b = 4
-    h128: 12 against 7.6; b = 16 h16: 7.2 against 3.3)."""
+def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int, sms: int) -> tuple:
+    """The combine grid (KernelSpec.merge_chunks, merge_warps): chunks 0 = a warp per row,
+    else a CTA per row and this many 128-column chunks, the most that keep all of a
+    request's pieces in flight in one round of loads. Chosen by a cost fitted on the H100
+    (docs/PERF.md, v15): a warp per row takes ~5 us + 0.5 us per piece after the decode
+    kernel; the CTA grid ~3 us + 2.2 us per wave of 2 CTAs an SM (b = 16 h128: 7.5
+    against 20.3 us; b = 4 h128: 12 against 7.6; b = 16 h16: 7.2 against 3.3). One chunk
+    a CTA takes 16 warps where every CTA has an SM of its own (b = 1 h16 32K: tail 5.1 ->
+    4.2 us; with more CTAs than SMs 16-warp CTAs ran b = 4 h128 5 us slower, v19)."""
     pieces = -(-num_parts // batch) + 1  # each cut between parts adds at most one
-    chunks = max((g for g in merge_chunks_for(head_dim_v) if 8 * (MERGE_LOADS // g) >= pieces), default=1)
-    waves = batch * h_kv * rows * (head_dim_v // 128 // chunks) / (2 * sms)
-    return chunks if 5 + 0.5 * pieces > 3 + 2.2 * waves else 0
+    chunks = max((g for g in merge_chunks_for(head_dim_v) if 8 * (MERGE_LOADS[8] // g) >= pieces), default=1)
+    ctas = batch * h_kv * rows * (head_dim_v // 128 // chunks)
+    if not 5 + 0.5 * pieces > 3 + 2.2 * ctas / (2 * sms):
+        return 0, 8
+    return chunks, 16 if chunks == 1 and ctas <= sms else 8
 
 
 # ---- validation helpers: each error names the argument, what it got and what it needs ----
@@ -429,8 +433,8 @@ class _DecodePlan:
         # Combine grid: a warp per row (8 rows a CTA), or a CTA per row (or per part of a
         # row) when requests split into so many pieces that a warp's walk is slower.
         decode_ctas = math.prod(self.decode_grid)  # one a SM
-        chunks = merge_grid(batch, h_kv, rows, num_parts, head_dim_v, decode_ctas)
-        self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v, chunks)
+        chunks, merge_warps = merge_grid(batch, h_kv, rows, num_parts, head_dim_v, decode_ctas)
+        self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v, chunks, merge_warps)
         self.combine_params = CombineParams(
             *([0] * 7),  # pointers: filled per call
             *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows)

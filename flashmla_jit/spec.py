@@ -37,7 +37,7 @@ BLOCK_N = 64            # KV tokens per main-loop block
 DECODE_THREADS = 256
 COMBINE_THREADS = 256   # 8 warps: 8 rows a CTA, or one row's pieces split over them
 MERGE_CHUNKS = (1, 2, 4)  # 128-column chunks a CTA of the many-pieces merge takes
-MERGE_LOADS = 18        # 16-byte loads a lane of it holds in flight (kMergeLoads)
+MERGE_LOADS = {8: 18, 16: 10}  # its warps a CTA -> 16-byte loads a lane holds in flight (kMergeLoads)
 METADATA_THREADS = 1024
 MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
 
@@ -55,6 +55,7 @@ class KernelSpec:
                               # (decode_seesaw.cuh; pages of whole 64-token blocks)
     merge_chunks: int = 0     # combine only: 0 = a warp per row (few pieces a request), else
                               # a CTA per this many 128-column chunks of a row (many pieces)
+    merge_warps: int = 8      # combine with merge_chunks = 1 only: 8 or 16 warps a CTA
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -80,6 +81,9 @@ class KernelSpec:
                                       and self.merge_chunks in merge_chunks_for(self.head_dim_v)):
             raise ValueError(f"merge_chunks is a combine choice, one of {MERGE_CHUNKS} dividing "
                              f"head_dim_v / 128 = {self.head_dim_v // 128}; got {self.merge_chunks} for {self.kind}")
+        if self.merge_warps not in MERGE_LOADS or (self.merge_warps != 8 and self.merge_chunks != 1):
+            raise ValueError(f"merge_warps must be 8, or 16 with merge_chunks = 1; got {self.merge_warps} with "
+                             f"merge_chunks = {self.merge_chunks}")
         allowed = tile_rows_allowed(self.head_dim_v, self.kv_format)
         if self.kind == "decode" and self.tile_rows not in allowed:
             raise ValueError(f"tile_rows must be one of {allowed} for head_dim_v={self.head_dim_v} and "
@@ -102,7 +106,8 @@ class KernelSpec:
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
         if self.kind == "combine":
-            return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}, {self.merge_chunks}>"
+            warps = f", {self.merge_warps}" if self.merge_warps != 8 else ""
+            return f"&flashmla::combine_kernel<{t}, {self.head_dim_v}, {self.merge_chunks}{warps}>"
         return "&flashmla::metadata_kernel"
 
     @property
@@ -126,6 +131,8 @@ class KernelSpec:
                 parts.append(f"kv_{self.kv_format}")
         if self.merge_chunks:
             parts.append(f"c{self.merge_chunks}")
+        if self.merge_warps != 8:
+            parts.append(f"w{self.merge_warps}")
         return ".".join(parts)
 
     # ---- launch configuration ----------------------------------------------------------
@@ -133,6 +140,8 @@ class KernelSpec:
     # dict directly, which a frozen dataclass allows).
     @functools.cached_property
     def threads(self) -> int:
+        if self.kind == "combine" and self.merge_chunks:
+            return 32 * self.merge_warps
         return {"decode": DECODE_THREADS, "combine": COMBINE_THREADS,
                 "metadata": METADATA_THREADS}[self.kind]
 
@@ -196,8 +205,8 @@ def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: i
 
 
 @functools.cache
-def combine_spec(dtype: str, head_dim: int, head_dim_v: int, merge_chunks: int = 0) -> KernelSpec:
-    return KernelSpec("combine", dtype, head_dim, head_dim_v, merge_chunks=merge_chunks)
+def combine_spec(dtype: str, head_dim: int, head_dim_v: int, merge_chunks: int = 0, merge_warps: int = 8) -> KernelSpec:
+    return KernelSpec("combine", dtype, head_dim, head_dim_v, merge_chunks=merge_chunks, merge_warps=merge_warps)
 
 
 def merge_chunks_for(head_dim_v: int) -> tuple:
@@ -208,7 +217,8 @@ def merge_chunks_for(head_dim_v: int) -> tuple:
 
 def combine_specs(dtype: str, head_dim: int, head_dim_v: int) -> list:
     """Every merge grid a step may pick (api.merge_grid: it depends on the batch)."""
-    return [combine_spec(dtype, head_dim, head_dim_v, g) for g in (0, *merge_chunks_for(head_dim_v))]
+    return ([combine_spec(dtype, head_dim, head_dim_v, g) for g in (0, *merge_chunks_for(head_dim_v))]
+            + [combine_spec(dtype, head_dim, head_dim_v, 1, 16)])
 
 
 METADATA_SPEC = KernelSpec("metadata")

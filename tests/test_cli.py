@@ -24,7 +24,8 @@ def test_selection_maps_flags_to_specs():
     decodes = [specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=m) for m in (16, 32, 64)]
     seesaw = specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=64, seesaw=True)
     assert selected("--dtype", "fp16", "--causal", "yes") == [
-        specs.METADATA_SPEC, *decodes, seesaw, *(specs.combine_spec("fp16", 576, 512, g) for g in (0, 1, 2, 4))]
+        specs.METADATA_SPEC, *decodes, seesaw, *(specs.combine_spec("fp16", 576, 512, g) for g in (0, 1, 2, 4)),
+        specs.combine_spec("fp16", 576, 512, 1, 16)]
     # s_q = 1 cannot need causal; heads x s_q pick the tile height.
     one_token = selected("--s-q", "1", "--heads", "128")
     # (each row count: its cp.async tile, and the seesaw kernel for 64-token pages)
@@ -32,13 +33,13 @@ def test_selection_maps_flags_to_specs():
     assert not any(s.causal for s in one_token)
     assert [s.tile_rows for s in selected("--s-q", "2", "--heads", "16", "--causal", "yes")
             if s.kind == "decode"] == [32, 64]
-    # metadata + per dtype: (non-causal + causal) x (3 tile heights + seesaw) + 4 merge grids
-    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * (2 * 4 + 4)
+    # metadata + per dtype: (non-causal + causal) x (3 tile heights + seesaw) + 5 merge grids
+    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * (2 * 4 + 5)
     with pytest.raises(SystemExit):
         selected("--heads", "0")
     no_rope = selected("--head-dims", "512,512", "--heads", "16", "--s-q", "1")
     assert [(s.kind, s.head_dim, s.seesaw) for s in no_rope] == [
-        ("metadata", 576, False), ("decode", 512, False), ("decode", 512, True)] + [("combine", 512, False)] * 4
+        ("metadata", 576, False), ("decode", 512, False), ("decode", 512, True)] + [("combine", 512, False)] * 5
     with pytest.raises(SystemExit):
         selected("--head-dims", "320,128")
     # FP8 caches: 32-row tiles at most; the 656 layout only for bf16 with d = 576

@@ -80,6 +80,7 @@ GRID = [
     (2, 4, 128, 1, "long", True),
     (300, 1, 16, 1, "varlen", True),   # reordered on the cost line: the records carry the order
     (600, 1, 16, 1, "short", False),   # more requests than 4 a record: positions are requests
+    (1, 1, 64, 1, "long", False),      # the one-chunk merge in 8 warps (at h16: in 16)
 ]
 
 

@@ -270,21 +270,30 @@ def test_merge_grid_is_the_faster_one_measured(batch, num_parts, rows, chunks):
     # H100 merge tails after the decode kernel (docs/PERF.md v15), e.g. b = 16 h128: a warp
     # per row 7.5 us, a CTA per row 20.3; b = 4 h128: 12.0 against 7.6.
     decode_ctas = num_parts * max(1, rows // 64)
-    assert api.merge_grid(batch, 1, rows, num_parts, 512, decode_ctas) == chunks
+    assert api.merge_grid(batch, 1, rows, num_parts, 512, decode_ctas)[0] == chunks
+
+
+@pytest.mark.parametrize("batch,rows,warps", [(1, 16, 16), (1, 32, 16), (1, 64, 8), (2, 16, 8)])
+def test_one_chunk_merge_takes_16_warps_where_each_cta_has_an_sm(batch, rows, warps):
+    # b = 1 h16 32K: 64 CTAs of 16 warps merged 0.9 us sooner than of 8; b = 4 h128's
+    # 512 CTAs of 16 warps (one an SM) 5 us later (docs/PERF.md v19)
+    chunks, merge_warps = api.merge_grid(batch, 1, rows, 132, 512, 132)
+    assert (chunks == 1, merge_warps) == (batch == 1, warps)
+    api.combine_spec("bf16", 576, 512, chunks, merge_warps)  # a valid spec
 
 
 def test_merge_loads_mirror_the_kernel():
     combine = pathlib.Path(__file__).parent.parent / "kernels" / "flashmla" / "combine.cuh"
-    assert f"kMergeLoads = {spec.MERGE_LOADS};" in combine.read_text()
+    assert f"kMergeLoads = kWarps == 16 ? {spec.MERGE_LOADS[16]} : {spec.MERGE_LOADS[8]};" in combine.read_text()
 
 
 @pytest.mark.parametrize("pieces_per_request", [2, 30, 60, 130, 300])
 def test_many_pieces_grid_holds_a_request_in_one_round_when_it_can(pieces_per_request):
-    chunks = api.merge_grid(1, 1, 16, pieces_per_request - 1, 512, 132)
+    chunks, warps = api.merge_grid(1, 1, 16, pieces_per_request - 1, 512, 132)
     assert chunks in (1, 2, 4)
-    fits = 8 * (spec.MERGE_LOADS // chunks) >= pieces_per_request
-    assert fits or chunks == 1  # past 144 pieces: one chunk a CTA, in rounds
-    assert chunks == 4 or 8 * (spec.MERGE_LOADS // (2 * chunks)) < pieces_per_request
+    fits = warps * (spec.MERGE_LOADS[warps] // chunks) >= pieces_per_request
+    assert fits or chunks == 1  # past 144 (8 warps) or 160 (16) pieces: one chunk a CTA, in rounds
+    assert chunks == 4 or 8 * (spec.MERGE_LOADS[8] // (2 * chunks)) < pieces_per_request
 
 
 @pytest.mark.parametrize("h_q, page_size, env, seesaw", [(128, 64, None, True), (128, 128, None, True),

@@ -4,8 +4,8 @@ Covers a whole-request part, split requests (combine), an empty sequence, causal
 that see nothing, NaN page tails and a multi-tile query (rows > 64), the seesaw kernel
 (64-token pages) and the cp.async one (page 16), requests reordered on the cost line
 (metadata.cuh, pack_order), every merge grid (a warp per row, a CTA
-per 1, 2 or 4 chunks of a row: api.merge_grid); and both FP8 cache formats (staging
-buffers, the in-smem dequantization).
+per 1, 2 or 4 chunks of a row, one chunk in 8 or 16 warps: api.merge_grid); and both FP8
+cache formats (staging buffers, the in-smem dequantization).
 """
 import os
 import sys
@@ -20,7 +20,8 @@ from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_ml
 
 for batch, s_q, h_q, lens, page in [(3, 2, 16, [130, 0, 1], 64), (1, 2, 48, [2000], 64), (2, 1, 128, [70, 900], 64),
                                     (2, 1, 128, [70, 900], 16),  # pages of 64: seesaw (TMA); of 16: cp.async
-                                    (1, 1, 16, [9000], 64), (6, 1, 64, [1500] * 6, 64),  # merge grids c1, c4
+                                    (1, 1, 16, [9000], 64), (6, 1, 64, [1500] * 6, 64),  # merge grids c1.w16, c4
+                                    (1, 1, 64, [9000], 64),  # c1 in 8 warps (more CTAs than SMs)
                                     (40, 1, 128, [300] * 40, 64),  # a warp per row
                                     # more requests than half the parts, unequal: reordered on the line
                                     (70, 1, 16, [i * 37 % 300 + 64 for i in range(70)], 64)]:

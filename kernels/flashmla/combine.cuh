@@ -6,8 +6,8 @@
 //   warp merges one whole output row, walking its pieces two at a time; 8 rows a CTA.
 // - many pieces (small batches, a request splits over up to every SM, ~130 pieces):
 //   a CTA merges kCtaChunks 128-column chunks of one row (1, 2 or 4: the most that keep
-//   all of a request's pieces in flight at once); its 8 warps take every 8th piece, and
-//   their sums meet in shared memory.
+//   all of a request's pieces in flight at once); its 8 (or 16) warps take every 8th (16th)
+//   piece, and their sums meet in shared memory.
 // Either way a warp issues the loads of a round of pieces, and their lse, before it
 // waits for any, and only then walks the row's lse for the total (merge_pieces).
 // Partials are read once and then dropped from L2 (discard), so they cost no DRAM
@@ -26,8 +26,13 @@ namespace flashmla {
 constexpr int kCombineThreads = 256;
 constexpr int kCombineWarps = kCombineThreads / 32;  // rows per CTA in the few-pieces grid
 constexpr int kChunkCols = 128;                      // a warp's columns per 16-byte load
-constexpr int kMergeLoads = 18;  // many-pieces grid: 16-byte loads a lane holds in flight
-                                 // (18 one-chunk pieces: 144 pieces of a row in one round)
+// Many-pieces grid: 16-byte loads a lane holds in flight, for kWarps warps a CTA. 8 warps
+// x 18 (144 one-chunk pieces of a row in one round), 2 CTAs an SM; or, where the grid has
+// an SM for every CTA (one chunk a CTA, b = 1 at up to 32 rows), 16 warps x 10: at b = 1 a
+// warp's chain of dependent work sets the merge's time (8 warps issued ~1300 instructions
+// each, one every ~6 cycles; PERF.md v16), and 16 warps halve each one's pieces.
+template <int kWarps>
+constexpr int kMergeLoads = kWarps == 16 ? 10 : 18;
 
 // The pieces of one output row and where its result goes.
 struct CombineRow {
@@ -162,16 +167,16 @@ __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
   if (lane == 0) write_lse(row, empty, lse_total);
 }
 
-// Many pieces: the CTA's 8 warps merge kChunks 128-column chunks of one row, warp w
-// pieces w, w + 8, ...; the warps' sums meet in shared memory.
-template <typename T, int kDV, int kChunks>
+// Many pieces: the CTA's kWarps warps merge kChunks 128-column chunks of one row, warp w
+// pieces w, w + kWarps, ...; the warps' sums meet in shared memory.
+template <typename T, int kDV, int kChunks, int kWarps>
 __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid) {
-  __shared__ float4 partial[kCombineWarps][kChunks][32];
+  __shared__ float4 partial[kWarps][kChunks][32];
   const int warp = tid / 32, lane = tid % 32;
   float4 acc[kChunks];
   bool empty;
   const float lse_total =
-      merge_pieces<kMergeLoads / kChunks, kChunks, 5, kDV>(row, n, chunk0, warp, kCombineWarps, lane, acc, empty);
+      merge_pieces<kMergeLoads<kWarps> / kChunks, kChunks, 5, kDV>(row, n, chunk0, warp, kWarps, lane, acc, empty);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) partial[warp][c][lane] = acc[c];
   __syncthreads();
@@ -179,28 +184,30 @@ __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, 
     const int c = tid / (kChunkCols / 2), col = 2 * (tid % (kChunkCols / 2));
     float o0 = 0.f, o1 = 0.f;
 #pragma unroll
-    for (int w = 0; w < kCombineWarps; ++w) {
+    for (int w = 0; w < kWarps; ++w) {
       const float* flat = reinterpret_cast<const float*>(&partial[w][c][0]);
       o0 += flat[col];
       o1 += flat[col + 1];
     }
     *(u32*)(row.out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
   }
-  // Warps without a piece (n < 8) skip merge_pieces' rounds; warp 0 has piece 0.
+  // Warps without a piece (n < kWarps) skip merge_pieces' rounds; warp 0 has piece 0.
   if (tid == 0 && chunk0 == 0) write_lse(row, empty, lse_total);
 }
 
 // kCtaChunks = 0: the few-pieces grid, CTA = (request, KV head, group of 8 rows), warp =
 // row, at 64-75 registers (3-4 CTAs an SM). kCtaChunks > 0: the many-pieces grid, CTA =
-// (request, KV head, row, group of kCtaChunks 128-column chunks), held to 128 registers
-// (2 CTAs an SM) for the loads in flight.
-template <typename T, int kDV, int kCtaChunks>
-__global__ void __launch_bounds__(kCombineThreads, kCtaChunks > 0 ? 2 : 0)
+// (request, KV head, row, group of kCtaChunks 128-column chunks) of kMergeWarps warps,
+// held to 128 registers (2 CTAs an SM at 8 warps, 1 at 16) for the loads in flight.
+template <typename T, int kDV, int kCtaChunks, int kMergeWarps = 8>
+__global__ void __launch_bounds__(kCtaChunks > 0 ? 32 * kMergeWarps : kCombineThreads,
+                                  kCtaChunks > 0 ? 16 / kMergeWarps : 0)
     combine_kernel(const __grid_constant__ CombineParams p) {
   static_assert(kDV % kChunkCols == 0, "a lane owns 4 columns of each 128-column chunk");
   constexpr int kChunks = kDV / kChunkCols;
   constexpr bool kByCta = kCtaChunks > 0;
   static_assert(!kByCta || kChunks % kCtaChunks == 0, "a row's chunks split evenly over its CTAs");
+  static_assert(kMergeWarps == 8 || (kMergeWarps == 16 && kCtaChunks == 1), "8 warps, or 16 for one chunk a CTA");
   constexpr int kCtasPerRow = kByCta ? kChunks / kCtaChunks : 1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
@@ -235,7 +242,7 @@ __global__ void __launch_bounds__(kCombineThreads, kCtaChunks > 0 ? 2 : 0)
                        (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride,
                        p.lse + req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride};
   if constexpr (kByCta)
-    combine_chunks_by_cta<T, kDV, kCtaChunks>(row, n, item % kCtasPerRow * kCtaChunks, tid);
+    combine_chunks_by_cta<T, kDV, kCtaChunks, kMergeWarps>(row, n, item % kCtasPerRow * kCtaChunks, tid);
   else
     combine_row_by_warp<T, kDV>(row, n, lane);
 }
