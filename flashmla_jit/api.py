@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 from . import settings
-from .spec import (BLOCK_N, MAX_PARTS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
+from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
                    decode_spec, merge_chunks_for, seesaw_fits, tile_rows_for)
 from .params import CombineParams, DecodeParams, SeesawParams
 from .tensors import Tensor, current_stream, describe, empty
@@ -32,6 +32,13 @@ def whole_slack(rows: int) -> tuple:
     return (10, 0) if rows <= 128 else (0, 12)
 
 
+def merge_ctas(batch: int, h_kv: int, rows: int, head_dim_v: int, chunks: int) -> int:
+    """The combine grid's size: a CTA per row and `chunks` 128-column chunks, or (chunks
+    0) a CTA per 8 rows, a warp each (combine.cuh)."""
+    per_head = rows * (head_dim_v // 128 // chunks) if chunks else -(-rows // (COMBINE_THREADS // 32))
+    return batch * h_kv * per_head
+
+
 def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int, sms: int) -> tuple:
     """The combine grid (KernelSpec.merge_chunks, merge_warps): chunks 0 = a warp per row,
     else a CTA per row and this many 128-column chunks, the most that keep all of a
@@ -43,7 +50,7 @@ def merge_grid(batch: int, h_kv: int, rows: int, num_parts: int, head_dim_v: int
     4.2 us; with more CTAs than SMs 16-warp CTAs ran b = 4 h128 5 us slower, v19)."""
     pieces = -(-num_parts // batch) + 1  # each cut between parts adds at most one
     chunks = max((g for g in merge_chunks_for(head_dim_v) if 8 * (MERGE_LOADS[8] // g) >= pieces), default=1)
-    ctas = batch * h_kv * rows * (head_dim_v // 128 // chunks)
+    ctas = merge_ctas(batch, h_kv, rows, head_dim_v, chunks)
     if not 5 + 0.5 * pieces > 3 + 2.2 * ctas / (2 * sms):
         return 0, 8
     return chunks, 16 if chunks == 1 and ctas <= sms else 8
@@ -438,8 +445,7 @@ class _DecodePlan:
         self.combine_params = CombineParams(
             *([0] * 7),  # pointers: filled per call
             *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows)
-        per_head = rows * (head_dim_v // 128 // chunks) if chunks else math.ceil(rows / 8)
-        self.combine_grid = (batch * h_kv * per_head, 1, 1)
+        self.combine_grid = (merge_ctas(batch, h_kv, rows, head_dim_v, chunks), 1, 1)
         # Per call only the pointers change: they are packed into a copy of a template.
         from .params import COMBINE_POINTERS, DECODE_POINTERS, PointerPacker
         base = SeesawParams.p.offset if self.seesaw else 0
