@@ -11,8 +11,9 @@ and FlashMLA are timed in turn over BENCH_ROUNDS rounds (default 3) and each rep
 the median of its rounds: under sustained load the SM clock drifts with power and heat
 (docs/PERF.md, v12), by more than the gaps between the two.
 FLOPs and bytes as in DESIGN.md section 6 (FP8 caches: the bytes read, 576 or 656 per
-token). Also: cold compile, warm-cache first call in a new process, host overhead per
-call with the GPU busy.
+token). Small batches also against a plain read of their KV bytes, back to back as
+they are timed (cupy's RawModule compiles it; skipped without cupy). Also: cold compile,
+warm-cache first call in a new process, host overhead per call with the GPU busy.
 """
 
 import argparse
@@ -105,6 +106,60 @@ def ceilings():
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm = 2 * 8192 ** 3 / (bench_ms(lambda: a @ b) * 1e-3) / 1e12
     return {"copy_gbs": copy, "read_gbs": read, "matmul_tflops": mm}
+
+
+# A plain read of n 16-byte words (each lane keeps 4 loads in flight, streaming, all SMs):
+# what any kernel that reads the same bytes could reach at that size. At tens of MB a
+# step is ramp and drain as much as bandwidth: the large-read ceiling above is reached
+# only from ~150 MB (PERF.md v20).
+_READ_SRC = r"""
+extern "C" __global__ void plain_read(const int4* __restrict__ x, long long n, int* sink) {
+  const long long stride = (long long)gridDim.x * blockDim.x;
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  int acc = 0;
+  for (; i + 3 * stride < n; i += 4 * stride) {
+    int4 v[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v[u] = __ldcs(x + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+  }
+  for (; i < n; i += stride) { const int4 v = x[i]; acc ^= v.x ^ v.y ^ v.z ^ v.w; }
+  if (acc == 0x1234567) sink[0] = acc;  // keeps the loads live (a rare store to sink is harmless)
+}
+"""
+
+
+def _cupy_stream(cupy):
+    """torch's current stream (the capturing one inside a graph capture) as a cupy stream."""
+    try:
+        return cupy.cuda.Stream.from_external(torch.cuda.current_stream())
+    except (AttributeError, TypeError):  # cupy or torch without the CUDA stream protocol
+        return cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+
+
+def plain_read_us(nbytes, calls=10):
+    """Per call of `calls` back-to-back plain reads of nbytes (one CUDA graph, buffers in
+    turn that outgrow L2), the best of a few grid shapes; None without cupy."""
+    try:
+        import cupy
+    except ImportError:
+        return None
+    kernel = cupy.RawModule(code=_READ_SRC).get_function("plain_read")
+    sink = torch.zeros(1, dtype=torch.int32, device="cuda")
+    words = nbytes // 16
+    bufs = rotation(torch.randint(-2**31, 2**31 - 1, (words, 4), dtype=torch.int32, device="cuda"))
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    best = float("inf")
+    for ctas, threads in ((sms, 1024), (2 * sms, 1024), (4 * sms, 512)):
+        def launch(i):
+            with _cupy_stream(cupy):
+                kernel((ctas,), (threads,), (bufs[i % len(bufs)].data_ptr(), cupy.int64(words), sink.data_ptr()))
+        replay, _ = capture_graph(lambda: [launch(i) for i in range(calls)])
+        best = min(best, bench_ms(replay) * 1e3 / calls)
+    del bufs
+    torch.cuda.empty_cache()
+    return best
 
 
 def eager_mla(q, k_cache, block_table, s_k, causal):
@@ -282,8 +337,10 @@ def main():
     if "small" in sections and not args.quick:
         for batch in (1, 4, 16):  # small batches: split-KV over all SMs
             for s_k in (32768, 131072):
+                read_us = plain_read_us(batch * s_k * KV_TOKEN_BYTES["same"])
                 for h_q in (16, 128):
                     add(batch, s_k, h_q, 1, False, False, graph=True)
+                    rows[-1]["plain_read_b2b_us"] = read_us
     if "pages" in sections and not args.quick:
         for page_size in (1, 16):  # page sizes other than FlashMLA's 64 (same rows at 64 above)
             for h_q in (16, 128):
@@ -316,12 +373,15 @@ def main():
     if b2b:
         print("small batches, per call over 10 back-to-back calls on their own KV caches (one CUDA graph; 'us' "
               "above: one call alone):")
-        print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'us':>8} {'GB/s':>6} {'%read':>6} {'FlashMLA us':>11} {'vs FlashMLA':>11}")
+        print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'us':>8} {'GB/s':>6} {'%read':>6} {'FlashMLA us':>11} {'vs FlashMLA':>11} "
+              f"{'plain read us':>13} {'vs read':>7}")
         for r in b2b:
             gbs = r["gbs"] * r["us"] / r["b2b_us"]
             peer = r.get("flashmla_b2b_us", float("nan"))
+            read = r.get("plain_read_b2b_us") or float("nan")  # the KV bytes alone, same graph pattern
             print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['b2b_us']:>8.1f} {gbs:>6.0f} "
-                  f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x")
+                  f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x "
+                  f"{read:>13.1f} {read / r['b2b_us']:>6.2f}x")
     shape = lambda r: (r["s_k"], r["h_q"], r["s_q"])  # noqa: E731
     fixed = {shape(r): r for r in rows if not r["varlen"] and r["page"] == 64 and r["kv"] == "same"}
     pairs = [(r, fixed[shape(r)]) for r in rows if r["varlen"] and shape(r) in fixed]
