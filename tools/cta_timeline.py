@@ -20,10 +20,18 @@ REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last 
 
 
 def timeline(batch, s_k, h_q, s_q):
-    return run_with_buffer(batch, s_k, h_q, s_q, cta_stamps).cpu().double()
+    """(stamps [CTA][32], the decode grid (x, y, z)): CTA c is m-block c % x (h_kv = 1 here),
+    part c // (x y)."""
+    grids = []
+
+    def buffer_for(plan):
+        grids.append(plan.decode_grid)
+        return cta_stamps(plan)
+
+    return run_with_buffer(batch, s_k, h_q, s_q, buffer_for).cpu().double(), grids[0]
 
 
-def report(t, config):
+def report(t, config, grid):
     ghz = stamp_ghz(t)
     exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
     print(f"b={config[0]} s_k={config[1]} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
@@ -40,11 +48,17 @@ def report(t, config):
                  "epilogue": (loop, stores), "stores": (stores, end)}
         cells = [f"{name} {us(b - a)[ran].mean():7.2f} ({us(b - a)[ran].max():6.2f})" for name, (a, b) in spans.items()]
         print(f"  request {i} ({int(ran.sum())} CTAs): " + " | ".join(cells))
+    # The CTAs that end last set the kernel's time; with equal work a part's lag is its pace.
+    m_blocks = grid[0] * grid[1]
+    last = torch.argsort(exit_us, descending=True)[:6].tolist()
+    print("  last to exit (part, m-block, SM, exit us): " + ", ".join(
+        f"({c // m_blocks}, {c % m_blocks}, {int(t[c, 31])}, {exit_us[c]:.1f})" for c in last))
 
 
 if __name__ == "__main__":
     configs = [tuple(map(int, c.split(","))) for c in sys.argv[1:]] or [(128, 4096, 128, 1)]
     print(torch.cuda.get_device_name())
     for config in configs:
-        report(timeline(*config), config)
+        t, grid = timeline(*config)
+        report(t, config, grid)
         torch.cuda.empty_cache()

@@ -100,7 +100,7 @@ constexpr int kTraceEvents = 16;
 // every CTA stamps its request boundaries into the int64 buffer passed as k_scale,
 // [cta][32]: globaltimer at entry and exit (0, 1), clock64 at entry and exit (2, 3), then
 // per request i < 5 of the part, at 4 + 5 i: start, first S done, loop done, stores
-// begin, stores done (clock64). Off: the stamps compile away.
+// begin, stores done (clock64), and the SM id at 31. Off: the stamps compile away.
 #ifndef FLASHMLA_SEESAW_CTATIME
 #define FLASHMLA_SEESAW_CTATIME 0
 #endif
@@ -110,6 +110,13 @@ __device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool 
   if (globaltimer) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
   else asm volatile("mov.u64 %0, %%clock64;" : "=l"(v));
   ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + slot] = v;
+}
+// Slot 31: the SM the CTA runs on (%smid), to tell an SM's pace from its part's.
+__device__ __forceinline__ void cta_stamp_smid(const DecodeParams& p) {
+  if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
+  u32 smid;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+  ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + 31] = smid;
 }
 __device__ __forceinline__ int cta_stamp_slot(int pos, int begin_pos, int event) {
   return 4 + 5 * min(pos - begin_pos, 4) + event;
@@ -166,7 +173,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const DecodeParams& p = sp.p;
 
   grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
-  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2);
+  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2), cta_stamp_smid(sp.p);
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 sbase = smem_u32(smem);
   const u32 kv0 = sbase + L::kKv0, kv1 = sbase + L::kKv1, sq = sbase + L::kQ;
