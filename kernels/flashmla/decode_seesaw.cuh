@@ -104,19 +104,22 @@ constexpr int kTraceEvents = 16;
 #ifndef FLASHMLA_SEESAW_CTATIME
 #define FLASHMLA_SEESAW_CTATIME 0
 #endif
+__device__ __forceinline__ long long* cta_stamps(const DecodeParams& p) {  // this CTA's 32 slots
+  return (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32;
+}
 __device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool globaltimer = false) {
   if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
   long long v;
   if (globaltimer) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
   else asm volatile("mov.u64 %0, %%clock64;" : "=l"(v));
-  ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + slot] = v;
+  cta_stamps(p)[slot] = v;
 }
 // Slot 31: the SM the CTA runs on (%smid), to tell an SM's pace from its part's.
 __device__ __forceinline__ void cta_stamp_smid(const DecodeParams& p) {
   if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
   u32 smid;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-  ((long long*)p.k_scale)[(blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32 + 31] = smid;
+  cta_stamps(p)[31] = smid;
 }
 __device__ __forceinline__ int cta_stamp_slot(int pos, int begin_pos, int event) {
   return 4 + 5 * min(pos - begin_pos, 4) + event;
