@@ -44,6 +44,7 @@ def run_case(batch, s_q, h_q, h_kv, seqlens, causal, dtype=torch.bfloat16, devic
     ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, dv, causal=causal)
     assert out.shape == (batch, s_q, h_q, dv) and out.dtype == dtype and out.device == q.device
     assert lse.shape == (batch, h_q, s_q) and lse.dtype == torch.float32
+    assert out.is_contiguous() and lse.is_contiguous()  # the strides the kernels were given
     assert_close(out, lse, ref_out, ref_lse, f"b={batch} s_q={s_q} h_q={h_q} h_kv={h_kv} causal={causal}")
 
 
