@@ -20,8 +20,8 @@ REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last 
 
 
 def timeline(batch, s_k, h_q, s_q):
-    """(stamps [CTA][32], the decode grid (x, y, z)): CTA c is m-block c % x (h_kv = 1 here),
-    part c // (x y)."""
+    """(stamps [CTA][32], the decode grid (m-blocks, h_kv = 1, parts)): CTA c is m-block
+    c % m-blocks of part c // m-blocks."""
     grids = []
 
     def buffer_for(plan):
@@ -48,11 +48,11 @@ def report(t, config, grid):
                  "epilogue": (loop, stores), "stores": (stores, end)}
         cells = [f"{name} {us(b - a)[ran].mean():7.2f} ({us(b - a)[ran].max():6.2f})" for name, (a, b) in spans.items()]
         print(f"  request {i} ({int(ran.sum())} CTAs): " + " | ".join(cells))
-    # The CTAs that end last set the kernel's time; with equal work a part's lag is its pace.
-    m_blocks = grid[0] * grid[1]
+    # The CTAs that end last set the kernel's time (their SMs: slot 31).
+    per_part = grid[0] * grid[1]  # m-blocks (h_kv = 1)
     last = torch.argsort(exit_us, descending=True)[:6].tolist()
     print("  last to exit (part, m-block, SM, exit us): " + ", ".join(
-        f"({c // m_blocks}, {c % m_blocks}, {int(t[c, 31])}, {exit_us[c]:.1f})" for c in last))
+        f"({c // per_part}, {c % per_part}, {int(t[c, 31])}, {exit_us[c]:.1f})" for c in last))
 
 
 if __name__ == "__main__":
