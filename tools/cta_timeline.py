@@ -20,23 +20,24 @@ REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last 
 
 
 def timeline(batch, s_k, h_q, s_q):
-    """(stamps [CTA][32], the decode grid (m-blocks, h_kv = 1, parts)): CTA c is m-block
-    c % m-blocks of part c // m-blocks."""
+    """(stamps [CTA][32], the decode grid (m-blocks, h_kv = 1, parts), the call's µs by
+    CUDA events): CTA c is m-block c % m-blocks of part c // m-blocks."""
     grids = []
 
     def buffer_for(plan):
         grids.append(plan.decode_grid)
         return cta_stamps(plan)
 
-    return run_with_buffer(batch, s_k, h_q, s_q, buffer_for).cpu().double(), grids[0]
+    stamps, launch_us = run_with_buffer(batch, s_k, h_q, s_q, buffer_for)
+    return stamps.cpu().double(), grids[0], launch_us
 
 
-def report(t, config, grid):
+def report(t, config, grid, launch_us):
     ghz = stamp_ghz(t)
     exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
     print(f"b={config[0]} s_k={config[1]} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
-          f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us; "
-          f"per request, mean (max) us over the CTAs that ran it:")
+          f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us (the call "
+          f"by CUDA events, decode + merge: {launch_us:.1f} us); per request, mean (max) us over the CTAs that ran it:")
     us = lambda ticks: ticks / ghz / 1e3
     for i in range(REQUESTS):
         start, first_s, loop, stores, end = (t[:, 4 + STAMPS * i + j] for j in range(STAMPS))
@@ -59,6 +60,6 @@ if __name__ == "__main__":
     configs = [tuple(map(int, c.split(","))) for c in sys.argv[1:]] or [(128, 4096, 128, 1)]
     print(torch.cuda.get_device_name())
     for config in configs:
-        t, grid = timeline(*config)
-        report(t, config, grid)
+        t, grid, launch_us = timeline(*config)
+        report(t, config, grid, launch_us)
         torch.cuda.empty_cache()

@@ -22,7 +22,8 @@ def launcher(batch, s_k, h_q, s_q, make_buffer):
     plan = api._plan(described, 512, None, True, None, None)
     assert plan.seesaw
     buffer = make_buffer(plan)
-    ptrs = [x.data_ptr() for x in (q, k, bt, sl, sched, splits)] + [0] * 6
+    inputs = (q, k, bt, sl, sched, splits)
+    ptrs = [x.data_ptr() for x in inputs] + [0] * 6
 
     def launch():
         # out, lse and scratch are freed on return, after the launches: the allocators are stream ordered
@@ -30,6 +31,10 @@ def launcher(batch, s_k, h_q, s_q, make_buffer):
         launches[0][2].p.k_scale = buffer.data_ptr()
         driver.launch_all(plan.device, launches)
 
+    # The inputs live as long as launch: with their addresses alone they were freed when
+    # launcher returned, and the kernel read blocks the allocator handed out again (the
+    # timelines of docs/PERF.md v13-v20; PERF.md v21).
+    launch.inputs = inputs
     return launch, buffer
 
 
@@ -44,11 +49,16 @@ def stamp_ghz(t) -> float:
 
 
 def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
-    """make_buffer(plan) -> a zeroed int64 GPU tensor; returns it after the third run
-    (caches and clocks warm), zeroed before each run."""
+    """make_buffer(plan) -> a zeroed int64 GPU tensor; returns (it after the third run
+    (caches and clocks warm), zeroed before each run; that run's time in µs by CUDA events,
+    decode + merge, to check the stamps' span against)."""
     launch, buffer = launcher(batch, s_k, h_q, s_q, make_buffer)
     for _ in range(3):
         buffer.zero_()
+        torch.cuda._sleep(int(1e7))  # the GPU busy while the host queues the launches
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         launch()
+        end.record()
         torch.cuda.synchronize()
-    return buffer
+    return buffer, start.elapsed_time(end) * 1e3

@@ -23,7 +23,7 @@ EVENTS1 = ["top: S1 done", "(start - WG0's start)", "sync Max0", "sync P0", "g i
 
 h_q, s_q, s_k = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (128, 2, 16384)
 # WG0 events, then WG1's
-trace = run_with_buffer(128, s_k, h_q, s_q, lambda plan: torch.zeros(32, dtype=torch.int64, device="cuda"))
+trace, _ = run_with_buffer(128, s_k, h_q, s_q, lambda plan: torch.zeros(32, dtype=torch.int64, device="cuda"))
 t = trace.cpu()
 print(f"{torch.cuda.get_device_name()}: b=128 h_q={h_q} s_q={s_q} s_k={s_k}, CTA (0, 0, 0), mean SM cycles from each pair's start")
 pairs = int(t[15])
