@@ -4,12 +4,15 @@
 
 FlashMLA is timed beside ours when .peer/flashmla_peer.py exists (a local build of
 FlashMLA in a git-ignored folder; never committed). Ceilings: device-to-device copy
-(bytes read + written), a large read (sum over 4 GiB), bf16 8192^3 matmul. Each config times one decode step (decode + combine; metadata is
-computed once per step and reused by all layers, so it is timed apart) with triton's
-do_bench (median, L2 flushed between runs), and a torch eager MLA for comparison. Ours
-and FlashMLA are timed in turn over BENCH_ROUNDS rounds (default 3) and each reported as
-the median of its rounds: under sustained load the SM clock drifts with power and heat
-(docs/PERF.md, v12), by more than the gaps between the two.
+(bytes read + written), a large read (sum over 4 GiB), bf16 8192^3 matmul. Each config
+times one decode step (decode + combine; metadata is computed once per step and reused by
+all layers, so it is timed apart) with triton's do_bench (median, L2 flushed between
+runs), and a torch eager MLA for comparison; b = 128 and small batches also per call over
+10 back-to-back calls in one CUDA graph, over KV caches that together outgrow L2, as a
+model's layers run them. Ours and FlashMLA are timed in turn over BENCH_ROUNDS rounds
+(default 3) and each reported as the median of its rounds: under sustained load the SM
+clock drifts with power and heat (docs/PERF.md, v12), by more than the gaps between the
+two.
 FLOPs and bytes as in DESIGN.md section 6 (FP8 caches: the bytes read, 576 or 656 per
 token). Small batches also against a plain read of their KV bytes, back to back as
 they are timed (cupy's RawModule compiles it; skipped without cupy). Also: cold compile,
@@ -79,15 +82,17 @@ def interleaved_us(fns):
     return [statistics.median(t) for t in times]
 
 
-def b2b_us(call_on, caches, calls=10):
-    """Time per call of `calls` back-to-back calls replayed as one CUDA graph: one call
-    timed alone (bench_ms, L2 flushed before it) carries the launch of its first kernel and
-    an empty pipeline; consecutive calls (a model's layers) overlap those. Each call reads
-    the next of `caches` in turn, as each layer reads its own: calls on one cache smaller
-    than L2 would read part of it from L2 (b = 1 32K: 23.6 against 26.8 us)."""
+B2B_CALLS = 10
+
+
+def b2b_replay(call_on, caches, calls=B2B_CALLS):
+    """A CUDA graph of `calls` back-to-back calls; time its replay and divide by `calls`.
+    One call timed alone (bench_ms, L2 flushed before it) carries the launch of its first
+    kernel and an empty pipeline; consecutive calls (a model's layers) overlap those. Each
+    call reads the next of `caches` in turn, as each layer reads its own: calls on one
+    cache smaller than L2 would read part of it from L2 (b = 1 32K: 23.6 against 26.8 us)."""
     turn = itertools.cycle(caches)
-    replay, _ = capture_graph(lambda: [call_on(next(turn)) for _ in range(calls)])
-    return bench_ms(replay) * 1e3 / calls
+    return capture_graph(lambda: [call_on(next(turn)) for _ in range(calls)])[0]
 
 
 def rotation(k_cache, at_least=128 << 20):
@@ -196,7 +201,10 @@ def varlen_lens(batch, s_k, seed):
     return torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
 
 
-def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False, kv_format="same"):
+def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False, kv_format="same", b2b=None):
+    """One config's row. graph: the single call is timed as a graph replay (small batches);
+    b2b (default: graph): also the time per call over back-to-back calls (b2b_us)."""
+    b2b = graph if b2b is None else b2b
     lens = varlen_lens(batch, s_k, s_k + h_q) if varlen else [s_k] * batch
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False, page_size=page_size)
     k_cache, k_scale = quantize_cache(k_cache, kv_format)
@@ -204,7 +212,7 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
     call_on = lambda k: flash_mla_with_kvcache(q, k, block_table, seqlens, 512, sched, splits, causal=True,
                                                k_scale=k_scale)
     call = lambda: call_on(k_cache)
-    caches = rotation(k_cache) if graph else None
+    caches = rotation(k_cache) if b2b else None
     # Small batches run for tens of microseconds: time graph replays, or host launch time leaks in.
     timed = lambda fn: capture_graph(fn)[0] if graph else fn
     total = sum(lens)
@@ -220,12 +228,13 @@ def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=Fal
         peer_out, _ = peer_call()
         row["peer_match"] = bool(((out.float() - peer_out.float()).norm() / out.float().norm()) < 1e-2)
         row["us"], row["flashmla_us"] = interleaved_us([timed(call), timed(peer_call)])
-        if graph:  # also per call over back-to-back calls, as a model's decode steps issue them
-            row["b2b_us"], row["flashmla_b2b_us"] = b2b_us(call_on, caches), b2b_us(peer_call_on, caches)
+        if b2b:  # also per call over back-to-back calls, as a model's layers issue them
+            ours, peer = interleaved_us([b2b_replay(call_on, caches), b2b_replay(peer_call_on, caches)])
+            row["b2b_us"], row["flashmla_b2b_us"] = ours / B2B_CALLS, peer / B2B_CALLS
     else:
         row["us"], = interleaved_us([timed(call)])
-        if graph:
-            row["b2b_us"] = b2b_us(call_on, caches)
+        if b2b:
+            row["b2b_us"] = interleaved_us([b2b_replay(call_on, caches)])[0] / B2B_CALLS
     row["tflops"], row["gbs"] = flops / row["us"] / 1e6, nbytes / row["us"] / 1e3
     # A graph replay: the kernel runs ~8 µs, less than the host takes to launch it.
     row["meta_us"] = bench_ms(capture_graph(lambda: get_mla_metadata(seqlens, s_q * h_q, 1))[0]) * 1e3
@@ -329,11 +338,11 @@ def main():
         for s_q in (1, 2):
             for h_q in (16, 32, 64, 128):
                 for s_k in s_ks:
-                    add(128, s_k, h_q, s_q, False, s_k <= 16384)
+                    add(128, s_k, h_q, s_q, False, s_k <= 16384, b2b=True)
     if "varlen" in sections:
         for s_q, h_q in ((1, 64), (2, 128)):
             for s_k in s_ks:
-                add(128, s_k, h_q, s_q, True, False)
+                add(128, s_k, h_q, s_q, True, False, b2b=True)
     if "small" in sections and not args.quick:
         for batch in (1, 4, 16):  # small batches: split-KV over all SMs
             for s_k in (32768, 131072):
@@ -371,23 +380,27 @@ def main():
               f"{peer:>11.1f} {peer / r['us']:>10.2f}x {r.get('cp_async_us', float('nan')):>11.1f}{mismatch}")
     b2b = [r for r in rows if "b2b_us" in r]
     if b2b:
-        print("small batches, per call over 10 back-to-back calls on their own KV caches (one CUDA graph; 'us' "
-              "above: one call alone):")
-        print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'us':>8} {'GB/s':>6} {'%read':>6} {'FlashMLA us':>11} {'vs FlashMLA':>11} "
-              f"{'plain read us':>13} {'vs read':>7}")
+        print(f"per call over {B2B_CALLS} back-to-back calls (one CUDA graph, KV caches in turn that outgrow L2, "
+              "as a model's layers run them; 'us' above: one call alone):")
+        print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'us':>8} {'GB/s':>6} {'%read':>6} "
+              f"{'TFLOPS':>7} {'%mm':>5} {'FlashMLA us':>11} {'vs FlashMLA':>11} {'plain read us':>13} {'vs read':>7}")
         for r in b2b:
-            gbs = r["gbs"] * r["us"] / r["b2b_us"]
+            per_us = r["us"] / r["b2b_us"]  # GB/s and TFLOPS scale with the time
             peer = r.get("flashmla_b2b_us", float("nan"))
             read = r.get("plain_read_b2b_us") or float("nan")  # the KV bytes alone, same graph pattern
-            print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['b2b_us']:>8.1f} {gbs:>6.0f} "
-                  f"{100 * gbs / ceil['read_gbs']:>5.1f}% {peer:>11.1f} {peer / r['b2b_us']:>10.2f}x "
-                  f"{read:>13.1f} {read / r['b2b_us']:>6.2f}x")
+            print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>4} "
+                  f"{r['b2b_us']:>8.1f} {r['gbs'] * per_us:>6.0f} {100 * r['gbs'] * per_us / ceil['read_gbs']:>5.1f}% "
+                  f"{r['tflops'] * per_us:>7.1f} {100 * r['tflops'] * per_us / ceil['matmul_tflops']:>4.1f}% "
+                  f"{peer:>11.1f} {peer / r['b2b_us']:>10.2f}x {read:>13.1f} {read / r['b2b_us']:>6.2f}x")
     shape = lambda r: (r["s_k"], r["h_q"], r["s_q"])  # noqa: E731
     fixed = {shape(r): r for r in rows if not r["varlen"] and r["page"] == 64 and r["kv"] == "same"}
     pairs = [(r, fixed[shape(r)]) for r in rows if r["varlen"] and shape(r) in fixed]
     if pairs:  # the varlen target: throughput at equal tokens (bytes per second) against fixed length
-        print("varlen / fixed-length throughput (GB/s): " + ", ".join(
-            f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {r['gbs'] / f['gbs']:.3f}" for r, f in pairs))
+        print("varlen / fixed-length throughput (GB/s), one call | back to back: " + ", ".join(
+            f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {r['gbs'] / f['gbs']:.3f} | "
+            f"{r['gbs'] * r['us'] / r['b2b_us'] / (f['gbs'] * f['us'] / f['b2b_us']):.3f}"
+            if "b2b_us" in r and "b2b_us" in f else f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {r['gbs'] / f['gbs']:.3f}"
+            for r, f in pairs))
     if rows:
         print(f"metadata kernel: {min(r['meta_us'] for r in rows):.1f}-{max(r['meta_us'] for r in rows):.1f} us")
     if jit:
