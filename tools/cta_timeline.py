@@ -4,6 +4,7 @@ and first S), the pair loop, the epilogue before and during the output stores
 k_scale, as here: through the API it would write to address 0.
 
   python tools/cta_timeline.py [B,S_K,H_Q,S_Q ...]     # default 128,4096,128,1; causal, bf16
+  CTA_RUNS=4 python tools/cta_timeline.py 128,4096,64,1  # also: is a CTA's exit set by its SM?
 """
 import os
 import sys
@@ -56,10 +57,35 @@ def report(t, config, grid, launch_us):
         f"({c // per_part}, {c % per_part}, {int(t[c, 31])}, {exit_us[c]:.1f})" for c in last))
 
 
+def exits_by_sm(t):
+    """Each SM's CTA exit (µs from the first entry); NaN for SMs whose CTA had no work."""
+    by_sm = torch.full((int(t[:, 31].max()) + 1,), float("nan"), dtype=torch.float64)
+    ran = t[:, 4] > 0
+    by_sm[t[ran, 31].long()] = (t[ran, 1] - t[:, 0].min()) / 1e3
+    return by_sm
+
+
+def report_by_sm(runs):
+    """Across runs (a different CTA-to-SM map each): how alike are the SMs' exit times?"""
+    n = min(len(r) for r in runs)
+    m = torch.stack([r[:n] for r in runs])
+    m = m[:, ~torch.isnan(m).any(0)]
+    z = (m - m.mean(1, keepdim=True)) / m.std(1, correction=0, keepdim=True)
+    corr = (z @ z.T / z.shape[1]).numpy().round(2)
+    mean = m.mean(0)
+    print(f"  per-SM exit times, correlation between runs: {corr.tolist()}; SMs' mean exit "
+          f"{mean.min():.1f} - {mean.max():.1f} us")
+
+
 if __name__ == "__main__":
     configs = [tuple(map(int, c.split(","))) for c in sys.argv[1:]] or [(128, 4096, 128, 1)]
     print(torch.cuda.get_device_name())
     for config in configs:
-        t, grid, launch_us = timeline(*config)
-        report(t, config, grid, launch_us)
-        torch.cuda.empty_cache()
+        runs = []
+        for _ in range(int(os.environ.get("CTA_RUNS", "1"))):
+            t, grid, launch_us = timeline(*config)
+            report(t, config, grid, launch_us)
+            runs.append(exits_by_sm(t))
+            torch.cuda.empty_cache()
+        if len(runs) > 1:
+            report_by_sm(runs)
