@@ -138,17 +138,19 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 }
 // One box of a 4-D tensor map (encoded on the host, passed as a __grid_constant__
 // parameter) into shared memory at dst; coordinates innermost first, in elements. Box
-// parts outside the tensor are filled with zeros and still count their bytes.
-__device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32 bar, int c0, int c1, int c2, int c3) {
+// parts outside the tensor are filled with zeros and still count their bytes. l2_policy
+// (createpolicy, below) sets the L2 eviction priority of the lines it reads.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32 bar, int c0, int c1, int c2, int c3,
+                                            u64 l2_policy) {
   asm volatile(
-      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
-      ::"r"(dst), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n"
+      ::"r"(dst), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar), "l"(l2_policy) : "memory");
 }
 __device__ __forceinline__ void prefetch_tensor_map(const void* tensor_map) {
   asm volatile("prefetch.tensormap [%0];\n" ::"l"(tensor_map) : "memory");
 }
-// L2 eviction priorities for stores: evict_last lines (kept until a later kernel reads
-// them) go after every evict_normal line; evict_first lines go first.
+// L2 eviction priorities for loads and stores: evict_last lines (kept until a later kernel
+// reads them) go after every evict_normal line; evict_first lines go first.
 __device__ __forceinline__ u64 l2_evict_last_policy() {
   u64 policy;
   asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;\n" : "=l"(policy));
@@ -157,6 +159,11 @@ __device__ __forceinline__ u64 l2_evict_last_policy() {
 __device__ __forceinline__ u64 l2_evict_first_policy() {
   u64 policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+__device__ __forceinline__ u64 l2_evict_normal_policy() {
+  u64 policy;
+  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 __device__ __forceinline__ void st_global_f2_hint(float* ptr, float a, float b, u64 policy) {
