@@ -40,6 +40,9 @@ MERGE_CHUNKS = (1, 2, 4)  # 128-column chunks a CTA of the many-pieces merge tak
 MERGE_LOADS = {8: 18, 16: 10}  # its warps a CTA -> 16-byte loads a lane holds in flight (kMergeLoads)
 METADATA_THREADS = 1024
 MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
+# Above this many query rows per KV head the seesaw kernel loads KV evict-first in L2
+# (decode_seesaw.cuh's load_kv: faster there, slower with any hint at or below it).
+EVICT_FIRST_ABOVE_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +56,7 @@ class KernelSpec:
     kv_format: str = "same"   # decode only: KV cache format (KV_FORMATS)
     seesaw: bool = False      # decode only: the 64-row seesaw kernel with TMA loads
                               # (decode_seesaw.cuh; pages of whole 64-token blocks)
+    kv_evict_first: bool = False  # seesaw only: KV loads evict-first in L2 (EVICT_FIRST_ABOVE_ROWS)
     merge_chunks: int = 0     # combine only: 0 = a warp per row (few pieces a request), else
                               # a CTA per this many 128-column chunks of a row (many pieces)
     merge_warps: int = 8      # combine with merge_chunks = 1 only: 8 or 16 warps a CTA
@@ -77,6 +81,8 @@ class KernelSpec:
         if self.seesaw and not (self.kind == "decode" and self.tile_rows == 64 and self.kv_format == "same"
                                 and self.head_dim_v == 512):
             raise ValueError("seesaw is a decode kernel for 64-row tiles, head_dim_v 512 and a 16-bit cache")
+        if self.kv_evict_first and not self.seesaw:
+            raise ValueError("kv_evict_first is a choice of the seesaw decode kernel")
         if self.merge_chunks and not (self.kind == "combine"
                                       and self.merge_chunks in merge_chunks_for(self.head_dim_v)):
             raise ValueError(f"merge_chunks is a combine choice, one of {MERGE_CHUNKS} dividing "
@@ -101,7 +107,8 @@ class KernelSpec:
         if self.kind == "decode":
             causal = "true" if self.causal else "false"
             if self.seesaw:
-                return f"&flashmla::decode_seesaw_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}>"
+                evict = "true" if self.kv_evict_first else "false"
+                return f"&flashmla::decode_seesaw_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}, {evict}>"
             kv = "" if self.kv_format == "same" else f", {KV_FORMATS[self.kv_format]}"
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
@@ -125,6 +132,8 @@ class KernelSpec:
             parts.append(f"m{self.tile_rows}")
             if self.seesaw:
                 parts.append("seesaw")
+            if self.kv_evict_first:
+                parts.append("evict_first")
             if self.causal:
                 parts.append("causal")
             if self.kv_format != "same":
@@ -201,7 +210,8 @@ def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: i
     # With one query token the end-aligned causal mask equals the seqlen mask.
     tile_rows = 64 if seesaw else tile_rows_for(rows, head_dim_v, kv_format)
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
-                      tile_rows=tile_rows, kv_format=kv_format, seesaw=seesaw)
+                      tile_rows=tile_rows, kv_format=kv_format, seesaw=seesaw,
+                      kv_evict_first=seesaw and rows > EVICT_FIRST_ABOVE_ROWS)
 
 
 @functools.cache
@@ -240,7 +250,8 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
             for c, m in itertools.product(causal, tile_rows_allowed(dv, kv)):
                 out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
                 if m == 64 and seesaw_fits(dv, kv, BLOCK_N):
-                    out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True))
+                    out += [KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True, kv_evict_first=e)
+                            for e in (False, True)]
         out.extend(combine_specs(dtype, d, dv))
     return list(dict.fromkeys(out))
 

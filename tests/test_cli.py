@@ -22,19 +22,23 @@ def test_selection_maps_flags_to_specs():
     assert selected() == specs.default_specs()
     assert selected("--all") == specs.all_specs()
     decodes = [specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=m) for m in (16, 32, 64)]
-    seesaw = specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=64, seesaw=True)
+    seesaw = [specs.KernelSpec("decode", "fp16", 576, 512, causal=True, tile_rows=64, seesaw=True, kv_evict_first=e)
+              for e in (False, True)]
     assert selected("--dtype", "fp16", "--causal", "yes") == [
-        specs.METADATA_SPEC, *decodes, seesaw, *(specs.combine_spec("fp16", 576, 512, g) for g in (0, 1, 2, 4)),
+        specs.METADATA_SPEC, *decodes, *seesaw, *(specs.combine_spec("fp16", 576, 512, g) for g in (0, 1, 2, 4)),
         specs.combine_spec("fp16", 576, 512, 1, 16)]
     # s_q = 1 cannot need causal; heads x s_q pick the tile height.
     one_token = selected("--s-q", "1", "--heads", "128")
     # (each row count: its cp.async tile, and the seesaw kernel for 64-token pages)
     assert [(s.tile_rows, s.seesaw) for s in one_token if s.kind == "decode"] == [(64, False), (64, True)]
+    # above 128 rows the seesaw loads KV evict-first: its own variant
+    two_tokens = selected("--s-q", "2", "--heads", "128", "--causal", "yes")
+    assert [s.kv_evict_first for s in two_tokens if s.seesaw] == [True]
     assert not any(s.causal for s in one_token)
     assert [s.tile_rows for s in selected("--s-q", "2", "--heads", "16", "--causal", "yes")
             if s.kind == "decode"] == [32, 64]
-    # metadata + per dtype: (non-causal + causal) x (3 tile heights + seesaw) + 5 merge grids
-    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * (2 * 4 + 5)
+    # metadata + per dtype: (non-causal + causal) x (3 tile heights + 2 seesaw) + 5 merge grids
+    assert len(selected("--dtype", "bf16", "--dtype", "fp16")) == 1 + 2 * (2 * 5 + 5)
     with pytest.raises(SystemExit):
         selected("--heads", "0")
     no_rope = selected("--head-dims", "512,512", "--heads", "16", "--s-q", "1")

@@ -95,12 +95,12 @@ def _loops(code: str) -> list:
     return loops
 
 
-@pytest.mark.parametrize("d,causal", [(576, False), (512, True)])
-def test_seesaw_steady_loops_stay_small(d, causal, tmp_path):
+@pytest.mark.parametrize("d,causal,evict_first", [(576, False, False), (512, True, False), (576, True, True)])
+def test_seesaw_steady_loops_stay_small(d, causal, evict_first, tmp_path):
     """Each warpgroup's loop over steady pairs (S of a block, two PVs: d / 16 + 8 HGMMA)
     stays near FlashMLA's size: code the loop never runs, left inline, cost 4-7 % of
     compute-bound time (docs/PERF.md, v11)."""
-    s = spec.KernelSpec("decode", "bf16", d, 512, causal=causal, tile_rows=64, seesaw=True)
+    s = spec.KernelSpec("decode", "bf16", d, 512, causal=causal, tile_rows=64, seesaw=True, kv_evict_first=evict_first)
     code = sass(compiler.compile_spec(s).cubin, tmp_path)
     sizes = sorted(n for n, hgmma in _loops(code) if hgmma == d // 16 + 8)
     assert len(sizes) >= 4, f"{s.name}: expected a steady and a general loop per warpgroup, got {sizes}"

@@ -316,3 +316,15 @@ def test_plan_picks_the_seesaw_kernel_for_whole_64_token_pages(h_q, page_size, e
         assert plan.decode_grid[0] == -(-h_q // plan.decode_spec.tile_rows)
     finally:
         settings.get.cache_clear()
+
+
+@pytest.mark.parametrize("h_q, s_q, evict_first", [(128, 2, True), (128, 1, False), (64, 2, False), (96, 2, True)])
+def test_seesaw_loads_kv_evict_first_above_128_rows(h_q, s_q, evict_first):
+    """Above 128 query rows per KV head the seesaw variant with evict-first KV loads runs
+    (faster there, slower at or below: docs/PERF.md v21); the spec's name says which."""
+    s = spec.decode_spec("bf16", 576, 512, True, s_q, s_q * h_q, "same", True)
+    assert s.kv_evict_first == evict_first
+    assert ("evict_first" in s.name) == evict_first
+    assert s.name_expression.endswith(f"{'true' if evict_first else 'false'}>")
+    with pytest.raises(ValueError, match="kv_evict_first"):
+        spec.KernelSpec("decode", tile_rows=64, kv_evict_first=True)

@@ -20,6 +20,7 @@ from flashmla_jit import dequantize_kv_cache_fp8, flash_mla_with_kvcache, get_ml
 
 for batch, s_q, h_q, lens, page in [(3, 2, 16, [130, 0, 1], 64), (1, 2, 48, [2000], 64), (2, 1, 128, [70, 900], 64),
                                     (2, 1, 128, [70, 900], 16),  # pages of 64: seesaw (TMA); of 16: cp.async
+                                    (2, 2, 128, [70, 900], 64),  # 256 rows: the seesaw's evict-first variant
                                     (1, 1, 16, [9000], 64), (6, 1, 64, [1500] * 6, 64),  # merge grids c1.w16, c4
                                     (1, 1, 64, [9000], 64),  # c1 in 8 warps (more CTAs than SMs)
                                     (40, 1, 128, [300] * 40, 64),  # a warp per row

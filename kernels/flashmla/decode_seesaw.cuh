@@ -158,7 +158,9 @@ struct SeesawSmem {
   static_assert(64 * kStageRow <= kQ, "the staging area ends before sQ");
 };
 
-template <typename T, int kD, int kDV, bool kCausal>
+// kKvEvictFirst: KV loads with an L2 evict-first hint, for more than 128 query rows per KV
+// head (spec.KernelSpec.kv_evict_first; load_kv says why).
+template <typename T, int kD, int kDV, bool kCausal, bool kKvEvictFirst>
 __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const __grid_constant__ SeesawParams sp) {
   using L = SeesawSmem<kD, kDV>;
   static_assert(kDV == 512, "each warpgroup's O half is one m64n256 accumulator");
@@ -200,7 +202,6 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const int hpk = (int)p.heads_per_kv;
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
   const int blocks_per_page = (int)p.page_size / kBlockN;  // page_size % 64 == 0 here
-  const u64 kv_policy = p.rows > 128 ? l2_evict_first_policy() : l2_evict_normal_policy();  // load_kv says why
 
   if (tid == 0) {
     prefetch_tensor_map(&sp.k_latent);
@@ -234,24 +235,28 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       const int slot = blocks_per_page == 1 ? blk : tok / (int)p.page_size;
       return blk < hi && tok < kv_len ? p.block_table[req * p.bt_batch_stride + slot] : -1;
     };
-    // Block `blk` (in page `page`) -> buffer `buf`, one part. The loads' L2 policy is
-    // kv_policy: evict-first above 128 query rows per KV head (four or more m-block CTAs
-    // read each block; compute-bound), which took 1-2 % off s_q 2 steps under sustained
-    // load, while at 64 rows it cost 2 % (docs/PERF.md v20, v21); evict-normal (the
-    // default) elsewhere.
+    // Block `blk` (in page `page`) -> buffer `buf`, one part. Above 128 query rows per KV
+    // head (four or more m-block CTAs read each block; compute-bound) the loads are
+    // evict-first in L2, which took 1-2 % off s_q 2 steps under sustained load; at 64 and
+    // 128 rows a hint cost 2-5 %, an explicit evict-normal one included (docs/PERF.md v20,
+    // v21), so those variants load without one.
+    auto tma = [&](u32 dst, const void* tensor_map, u32 b, int col, int row, int page) {
+      if constexpr (kKvEvictFirst) tma_load_4d(dst, tensor_map, b, col, head_kv, row, page, l2_evict_first_policy());
+      else tma_load_4d(dst, tensor_map, b, col, head_kv, row, page);
+    };
     auto load_kv = [&](int blk, int page, int buf, int part) {
       const int row = blocks_per_page == 1 ? 0 : blk * kBlockN % (int)p.page_size;
       const u32 dst = sbase + (buf ? L::kKv1 : L::kKv0);
       if (part == kRopePart) {
         mbarrier_arrive_expect_tx(bar(buf, part), kSubTileBytes);
-        tma_load_4d(dst + kRopeSub * kSubTileBytes, &sp.k_rope, bar(buf, part), 0, head_kv, row, page, kv_policy);
+        tma(dst + kRopeSub * kSubTileBytes, &sp.k_rope, bar(buf, part), 0, row, page);
         return;
       }
       mbarrier_arrive_expect_tx(bar(buf, part), kVSub * kSubTileBytes);
 #pragma unroll
       for (int i = 0; i < kVSub; ++i) {
         const int sub = part * kVSub + i;
-        tma_load_4d(dst + sub * kSubTileBytes, &sp.k_latent, bar(buf, part), sub * 64, head_kv, row, page, kv_policy);
+        tma(dst + sub * kSubTileBytes, &sp.k_latent, bar(buf, part), sub * 64, row, page);
       }
     };
     // Refills are spread over warps 0-2 of a warpgroup: the next wgmma waits for the

@@ -138,8 +138,13 @@ __device__ __forceinline__ void mbarrier_wait(u32 bar, u32 parity) {
 }
 // One box of a 4-D tensor map (encoded on the host, passed as a __grid_constant__
 // parameter) into shared memory at dst; coordinates innermost first, in elements. Box
-// parts outside the tensor are filled with zeros and still count their bytes. l2_policy
-// (createpolicy, below) sets the L2 eviction priority of the lines it reads.
+// parts outside the tensor are filled with zeros and still count their bytes.
+__device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32 bar, int c0, int c1, int c2, int c3) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"
+      ::"r"(dst), "l"(tensor_map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar) : "memory");
+}
+// The same with an L2 eviction policy for the lines it reads (createpolicy, below).
 __device__ __forceinline__ void tma_load_4d(u32 dst, const void* tensor_map, u32 bar, int c0, int c1, int c2, int c3,
                                             u64 l2_policy) {
   asm volatile(
@@ -159,11 +164,6 @@ __device__ __forceinline__ u64 l2_evict_last_policy() {
 __device__ __forceinline__ u64 l2_evict_first_policy() {
   u64 policy;
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-__device__ __forceinline__ u64 l2_evict_normal_policy() {
-  u64 policy;
-  asm volatile("createpolicy.fractional.L2::evict_normal.b64 %0, 1.0;\n" : "=l"(policy));
   return policy;
 }
 __device__ __forceinline__ void st_global_f2_hint(float* ptr, float a, float b, u64 policy) {
