@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     };
     // Block `blk` (in page `page`) -> buffer `buf`, one part. Above 128 query rows per KV
     // head (four or more m-block CTAs read each block; compute-bound) the loads are
-    // evict-first in L2, which took 1-2 % off s_q 2 steps under sustained load; at 64 and
+    // evict-first in L2, which took 0.4-2.3 % off s_q 2 steps under sustained load; at 64 and
     // 128 rows a hint cost 2-5 %, an explicit evict-normal one included (docs/PERF.md v20,
     // v21), so those variants load without one.
     auto tma = [&](u32 dst, const void* tensor_map, u32 b, int col, int row, int page) {
