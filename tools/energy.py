@@ -109,6 +109,8 @@ def summarize(results: dict) -> list:
 
 
 def run_variants(variants: list, processes: int):
+    """Each variant in a process of its own, the variants in turn, `processes` times; then
+    the means (a failed process prints its stderr's tail and counts no lines)."""
     results = {v: [] for v in variants}
     for _ in range(processes):
         for variant in variants:
