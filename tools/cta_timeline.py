@@ -3,7 +3,8 @@ and first S), the pair loop, the epilogue before and during the output stores
 (kernels/flashmla/decode_seesaw.cuh, CTATIME). Only launch a CTATIME build with a buffer in
 k_scale, as here: through the API it would write to address 0.
 
-  python tools/cta_timeline.py [B,S_K,H_Q,S_Q ...]     # default 128,4096,128,1; causal, bf16
+  python tools/cta_timeline.py [B,S_K,H_Q,S_Q[,VARLEN] ...]  # default 128,4096,128,1; causal, bf16
+  (VARLEN 1: lengths drawn around S_K as tools/bench.py's varlen rows)
   CTA_RUNS=4 python tools/cta_timeline.py 128,4096,64,1  # also: is a CTA's exit set by its SM?
 """
 import os
@@ -12,7 +13,7 @@ import sys
 # before flashmla_jit reads its settings; other defines (experiments) pass through
 os.environ["FLASHMLA_JIT_DEFINES"] = "FLASHMLA_SEESAW_CTATIME=1 " + os.environ.get("FLASHMLA_JIT_DEFINES", "")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tools")]
 
 import torch  # noqa: E402
 from seesaw_probe import cta_stamps, run_with_buffer, stamp_ghz  # noqa: E402
@@ -20,7 +21,7 @@ from seesaw_probe import cta_stamps, run_with_buffer, stamp_ghz  # noqa: E402
 REQUESTS, STAMPS = 5, 5  # requests per part stamped (later ones share the last slots); stamps each
 
 
-def timeline(batch, s_k, h_q, s_q):
+def timeline(batch, s_k, h_q, s_q, varlen=0):
     """(stamps [CTA][32], the decode grid (m-blocks, h_kv = 1, parts), the call's µs by
     CUDA events): CTA c is m-block c % m-blocks of part c // m-blocks."""
     grids = []
@@ -29,14 +30,14 @@ def timeline(batch, s_k, h_q, s_q):
         grids.append(plan.decode_grid)
         return cta_stamps(plan)
 
-    stamps, launch_us = run_with_buffer(batch, s_k, h_q, s_q, buffer_for)
+    stamps, launch_us = run_with_buffer(batch, s_k, h_q, s_q, buffer_for, bool(varlen))
     return stamps.cpu().double(), grids[0], launch_us
 
 
 def report(t, config, grid, launch_us):
     ghz = stamp_ghz(t)
     exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
-    print(f"b={config[0]} s_k={config[1]} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
+    print(f"b={config[0]} s_k={config[1]}{' var' if config[4:5] == (1,) else ''} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
           f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us (the call "
           f"by CUDA events, decode + merge: {launch_us:.1f} us); per request, mean (max) us over the CTAs that ran it:")
     us = lambda ticks: ticks / ghz / 1e3

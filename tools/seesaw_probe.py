@@ -1,4 +1,5 @@
-"""Seesaw decode calls (b requests of s_k tokens, causal, bf16) launched with a
+"""Seesaw decode calls (b requests of s_k tokens, or lengths drawn around s_k as
+tools/bench.py's varlen rows; causal, bf16) launched with a
 diagnostic buffer in k_scale, which the TRACE and CTATIME builds write to (through the
 API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py,
 tools/cta_timeline.py and tools/clock_under_load.py; import it after setting
@@ -11,10 +12,15 @@ from mla_reference import make_inputs
 from flashmla_jit import api, driver, get_mla_metadata
 
 
-def launcher(batch, s_k, h_q, s_q, make_buffer):
+def launcher(batch, s_k, h_q, s_q, make_buffer, varlen=False):
     """(launch, buffer): make_buffer(plan) -> a GPU tensor; launch() queues one call with
     the buffer in k_scale, on the current stream."""
-    q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, [s_k] * batch, nan_tail=False)
+    if varlen:
+        from bench import varlen_lens
+        lens = varlen_lens(batch, s_k, s_k + h_q)
+    else:
+        lens = [s_k] * batch
+    q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     # The plan of this call, made without a launch through the API.
     arrays = (q, k, bt, sl, sched, splits) + (None,) * 6
@@ -48,11 +54,11 @@ def stamp_ghz(t) -> float:
     return ((t[:, 3] - t[:, 2]) / (t[:, 1] - t[:, 0])).median().item()
 
 
-def run_with_buffer(batch, s_k, h_q, s_q, make_buffer):
+def run_with_buffer(batch, s_k, h_q, s_q, make_buffer, varlen=False):
     """make_buffer(plan) -> a zeroed int64 GPU tensor; returns (it after the third run
     (caches and clocks warm), zeroed before each run; that run's time in µs by CUDA events,
     decode + merge, to check the stamps' span against)."""
-    launch, buffer = launcher(batch, s_k, h_q, s_q, make_buffer)
+    launch, buffer = launcher(batch, s_k, h_q, s_q, make_buffer, varlen)
     for _ in range(3):
         buffer.zero_()
         torch.cuda._sleep(int(1e7))  # the GPU busy while the host queues the launches

@@ -134,7 +134,7 @@ __device__ __forceinline__ void decode_start_pieces(const DecodeParams& p) {
   const int first = rec[4];
   const int last = rec[3] > 0 && blockIdx.z + 1 < gridDim.z ? rec[kSchedRecordInts + 4] - 1 : first;
   *decode_piece_flag(p, first) = 0;
-  *decode_piece_flag(p, last) = 0;
+  if (last > first && last < p.batch + gridDim.z) *decode_piece_flag(p, last) = 0;  // the scratch holds batch + parts pieces
   __threadfence();
   grid_launch_dependents();
 }
