@@ -16,15 +16,8 @@
 // output of an active request is always written. Padding requests (at or past the
 // active count in the scheduler records) are never written.
 //
-// The kernel starts while the decode kernel runs (programmatic dependent launch) and gets
-// SMs as decode CTAs exit. In the few-pieces grid a CTA merges as soon as its rows' pieces
-// are stored (their flags, params.cuh), so merges of requests whose parts ended early
-// overlap the decode kernel's last CTAs (b = 128 varlen h64 4K-8K: merge tail 9-10 ->
-// 3-4 us, steps 2-4 us shorter); in the many-pieces grid every piece ends with the decode
-// grid, and its CTAs wait for that (griddepcontrol.wait; flags cost b = 1 h16 32K 6 us).
-// Flagged pieces' lse are read through L2 only (ld.global.cg): below 32 rows a line holds
-// two pieces' lse, and another CTA on this SM may have cached it before the second was
-// written. Partial rows are whole lines that one warp reads once.
+// The kernel may start before the decode kernel has finished (programmatic dependent
+// launch); every CTA that merges waits for it (griddepcontrol.wait) first.
 #pragma once
 #include "params.cuh"
 
@@ -61,9 +54,8 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // The row's total lse (log2 domain) over its n pieces, by one warp: lanes take pieces
 // lane + 32 j, kLoads at a time (one round trip up to 32 kLoads pieces; the second pass
-// hits L1, or with kL2Only, pieces flagged while the decode kernel runs, L2). empty: no
-// piece saw a key.
-template <int kLoads, bool kL2Only>
+// hits L1). empty: no piece saw a key.
+template <int kLoads>
 __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lane, bool& empty) {
   const float inf = __int_as_float(0x7f800000);
   const i64 stride = 32 * row.piece_stride;  // lane's next piece
@@ -71,7 +63,7 @@ __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lan
   auto load = [&](int k1, float (&l)[kLoads]) {
     const float* p = row.lse_accum + k1 * row.piece_stride;
 #pragma unroll
-    for (int j = 0; j < kLoads; ++j, p += stride) l[j] = k1 + 32 * j < n ? (kL2Only ? ld_cg(p) : *p) : -inf;
+    for (int j = 0; j < kLoads; ++j, p += stride) l[j] = k1 + 32 * j < n ? *p : -inf;
   };
   float mx = -inf;
 #pragma unroll 1
@@ -102,8 +94,8 @@ __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lan
 // for any; in the first round the warp then takes the row's total lse, those loads in
 // flight with the data, so one L2 round trip merges up to kSlots pieces. (v14 read the
 // lse first and kept 4 pieces in flight a lane: ~5 round trips for b = 1's 132 pieces.)
-// Returns the total lse; empty as total_lse's. kL2Only: lse loads as total_lse's.
-template <int kSlots, int kChunks, int kLseLoads, int kDV, bool kL2Only>
+// Returns the total lse; empty as total_lse's.
+template <int kSlots, int kChunks, int kLseLoads, int kDV>
 __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int chunk0, int k0, int step, int lane,
                                               float4 (&acc)[kChunks], bool& empty) {
   const float inf = __int_as_float(0x7f800000);
@@ -126,9 +118,9 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
 #pragma unroll
       for (int c = 0; c < kChunks; ++c)
         v[i][c] = live ? *(const float4*)(o + c * kChunkCols) : make_float4(0.f, 0.f, 0.f, 0.f);
-      lse[i] = live ? (kL2Only ? ld_cg(l) : *l) : -inf;
+      lse[i] = live ? *l : -inf;
     }
-    if (k1 == k0) lse_total = total_lse<kLseLoads, kL2Only>(row, n, lane, empty);
+    if (k1 == k0) lse_total = total_lse<kLseLoads>(row, n, lane, empty);
 #pragma unroll
     for (int i = 0; i < kSlots; ++i) {
       const float w = empty ? 0.f : ex2(lse[i] - lse_total);  // 0 for dead slots and keyless pieces
@@ -167,7 +159,7 @@ __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
   constexpr int kChunks = kDV / kChunkCols;
   float4 acc[kChunks];
   bool empty;
-  const float lse_total = merge_pieces<2, kChunks, 1, kDV, true>(row, n, 0, 0, 1, lane, acc, empty);
+  const float lse_total = merge_pieces<2, kChunks, 1, kDV>(row, n, 0, 0, 1, lane, acc, empty);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
     *(uint2*)(row.out + c * kChunkCols + lane * 4) =
@@ -184,7 +176,7 @@ __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, 
   float4 acc[kChunks];
   bool empty;
   const float lse_total =
-      merge_pieces<kMergeLoads<kWarps> / kChunks, kChunks, 5, kDV, false>(row, n, chunk0, warp, kWarps, lane, acc, empty);
+      merge_pieces<kMergeLoads<kWarps> / kChunks, kChunks, 5, kDV>(row, n, chunk0, warp, kWarps, lane, acc, empty);
 #pragma unroll
   for (int c = 0; c < kChunks; ++c) partial[warp][c][lane] = acc[c];
   __syncthreads();
@@ -201,22 +193,6 @@ __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, 
   }
   // Warps without a piece (n < kWarps) skip merge_pieces' rounds; warp 0 has piece 0.
   if (tid == 0 && chunk0 == 0) write_lse(row, empty, lse_total);
-}
-
-// Wait until the decode CTAs of the row's n pieces have stored them (params.cuh, piece
-// flags): each thread polls some of the flags, the CTA rechecks until all are set.
-// The decode grid holds every SM it needs before this grid starts, so the wait ends.
-__device__ __forceinline__ void wait_for_pieces(const CombineParams& p, int first, int n, int head_kv, int row,
-                                                int tid) {
-  const int m_blocks = (int)((p.rows + p.decode_tile_rows - 1) / p.decode_tile_rows);
-  const u32* flag = p.piece_done + piece_flag(first, head_kv, (int)p.h_kv, row / (int)p.decode_tile_rows, m_blocks);
-  const i64 stride = p.h_kv * m_blocks;  // the next piece's flag
-  for (;;) {
-    bool ready = true;
-    for (int k = tid; k < n; k += blockDim.x) ready &= ld_acquire_gpu(flag + k * stride) == 1;
-    if (__syncthreads_and(ready)) return;
-    __nanosleep(200);
-  }
 }
 
 // kCtaChunks = 0: the few-pieces grid, CTA = (request, KV head, group of 8 rows), warp =
@@ -254,10 +230,10 @@ __global__ void __launch_bounds__(kCtaChunks > 0 ? 32 * kMergeWarps : kCombineTh
   // still completes only after the decode kernel: work queued after it sees all outputs.
   const int cta_first_row = kByCta ? r : item * kCombineWarps;
   const bool idle = n == 1 || req >= p.sched[5] || cta_first_row >= req_rows;
-  if (blockIdx.x == 0 || (kByCta && !idle)) grid_dependency_wait();  // the decode kernel has finished
-  if (idle) return;
-  if (!kByCta) wait_for_pieces(p, first, n, head_kv, cta_first_row, tid);  // their partials are visible
-  if (r >= req_rows) return;  // no such row (a warp of the few-pieces grid)
+  if (idle && blockIdx.x != 0) return;
+  grid_dependency_wait();  // the decode kernel has finished: its partials are visible
+  // Uniform per CTA in the many-pieces grid, so the early return skips no barrier.
+  if (idle || r >= req_rows) return;  // written by decode, or no such row
 
   const int tok = span.first + r / (int)p.heads_per_kv;
   const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;

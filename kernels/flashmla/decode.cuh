@@ -118,7 +118,8 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   constexpr bool kFp8 = kKv != kKvSame;
   static_assert(!kFp8 || !kWgmma, "FP8 caches run on 16- and 32-row (mma.sync) tiles");
 
-  if (!p.piece_done) grid_launch_dependents();  // the combine's CTAs may be scheduled; they wait for us
+  // Let the combine kernel's CTAs be scheduled as SMs free up; they wait for this grid.
+  grid_launch_dependents();
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD, kKv>*>(smem_raw);
 
@@ -153,7 +154,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   }
 
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
-  bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
 
   for (int pos = begin_pos; pos <= end_pos && pos < p.batch; ++pos) {
     const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
@@ -218,10 +218,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     if constexpr (kFp8) {  // FP8: two blocks in flight; one commit group per block (maybe empty)
       if (lo + 1 < hi) load_kv(lo + 1, 1);
       else cp_async_commit_group();
-    }
-    if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
-      if (tid == kDecodeThreads - 1 && p.piece_done) decode_start_pieces(p);
-      pieces_started = true;
     }
 
     // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
@@ -428,7 +424,6 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
           p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
       }
     }
-    if (n_pieces > 1 && p.piece_done) decode_publish_piece(p, split);
   }
 }
 

@@ -107,22 +107,6 @@ __device__ __forceinline__ void grid_launch_dependents() { asm volatile("griddep
 // Wait until the previous kernel in the stream has completed and its writes are visible.
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
-// ---- flags between kernels running at once (gpu scope) ---------------------------------
-// A release store is ordered after every write this thread saw before it (its CTA's,
-// after a barrier); an acquire load before every access after it. Neither goes through
-// L1, which other SMs' writes do not update.
-__device__ __forceinline__ void st_release_gpu(u32* ptr, u32 v) {
-  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
-}
-__device__ __forceinline__ u32 ld_acquire_gpu(const u32* ptr) {
-  u32 v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
-  return v;
-}
-// A load cached in L2 only (ld.global.cg): data another kernel writes while this one runs,
-// in a line this SM may have cached before that write.
-__device__ __forceinline__ float ld_cg(const float* ptr) { return __ldcg(ptr); }
-
 // ---- named barriers: sync a subset of warps (id 0 is __syncthreads) -----------------
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
