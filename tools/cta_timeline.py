@@ -37,7 +37,8 @@ def timeline(batch, s_k, h_q, s_q, varlen=0):
 def report(t, config, grid, launch_us):
     ghz = stamp_ghz(t)
     exit_us = (t[:, 1] - t[:, 0].min()) / 1e3
-    print(f"b={config[0]} s_k={config[1]}{' var' if config[4:5] == (1,) else ''} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
+    kind = " var" if config[4:5] == (1,) else ""
+    print(f"b={config[0]} s_k={config[1]}{kind} h_q={config[2]} s_q={config[3]}: {len(t)} CTAs at {ghz:.3f} GHz, exit "
           f"min / median / max {exit_us.min():.1f} / {exit_us.median():.1f} / {exit_us.max():.1f} us (the call "
           f"by CUDA events, decode + merge: {launch_us:.1f} us); per request, mean (max) us over the CTAs that ran it:")
     us = lambda ticks: ticks / ghz / 1e3
