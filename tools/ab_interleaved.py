@@ -23,7 +23,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from mla_reference import make_inputs  # noqa: E402
 
 from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata, settings  # noqa: E402
-from bench import env_configs, load_peer, varlen_lens  # noqa: E402
+from bench import config_lens, env_configs, load_peer  # noqa: E402
 
 CONFIGS = env_configs("128,16384,128,2")
 ROUNDS = int(os.environ.get("AB_ROUNDS", "6"))
@@ -48,7 +48,7 @@ def use_settings(variant: str):
 def time_config(b, s_k, h_q, s_q, varlen=0, *, variants, peer):
     """Each variant's times (µs) over the rounds, the variants in turn within a round, and
     the variants whose output differs from the first one's."""
-    lens = varlen_lens(b, s_k, s_k + h_q) if varlen else [s_k] * b
+    lens = config_lens(b, s_k, h_q, varlen)
     q, k, bt, sl = make_inputs(b, s_q, h_q, 1, lens, nan_tail=False)
     times = {v: [] for v in variants}
     reference, differs = None, set()

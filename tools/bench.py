@@ -201,11 +201,22 @@ def varlen_lens(batch, s_k, seed):
     return torch.clamp(torch.normal(float(s_k), s_k / 2, (batch,), generator=gen), 1, 2 * s_k).int().tolist()
 
 
+def config_lens(batch, s_k, h_q, varlen):
+    """A config's seqlens: s_k each, or varlen_lens seeded by s_k + h_q, so that every tool
+    (ab_interleaved, ncu_probe, seesaw_probe) draws the bench row's lengths."""
+    return varlen_lens(batch, s_k, s_k + h_q) if varlen else [s_k] * batch
+
+
+def b2b_scale(r):
+    """How a row's GB/s and TFLOPS scale from one call to back to back (same work, less time)."""
+    return r["us"] / r["b2b_us"]
+
+
 def run_config(batch, s_k, h_q, s_q, varlen, with_eager, page_size=64, graph=False, kv_format="same", b2b=None):
     """One config's row. graph: the single call is timed as a graph replay (small batches);
     b2b (default: graph): also the time per call over back-to-back calls (b2b_us)."""
     b2b = graph if b2b is None else b2b
-    lens = varlen_lens(batch, s_k, s_k + h_q) if varlen else [s_k] * batch
+    lens = config_lens(batch, s_k, h_q, varlen)
     q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False, page_size=page_size)
     k_cache, k_scale = quantize_cache(k_cache, kv_format)
     sched, splits = get_mla_metadata(seqlens, s_q * h_q, 1)
@@ -385,7 +396,7 @@ def main():
         print(f"{'b':>4} {'s_k':>6} {'h_q':>4} {'s_q':>3} {'len':>4} {'us':>8} {'GB/s':>6} {'%read':>6} "
               f"{'TFLOPS':>7} {'%mm':>5} {'FlashMLA us':>11} {'vs FlashMLA':>11} {'plain read us':>13} {'vs read':>7}")
         for r in b2b:
-            per_us = r["us"] / r["b2b_us"]  # GB/s and TFLOPS scale with the time
+            per_us = b2b_scale(r)
             peer = r.get("flashmla_b2b_us", float("nan"))
             read = r.get("plain_read_b2b_us") or float("nan")  # the KV bytes alone, same graph pattern
             print(f"{r['b']:>4} {r['s_k']:>6} {r['h_q']:>4} {r['s_q']:>3} {'var' if r['varlen'] else 'fix':>4} "
@@ -400,7 +411,7 @@ def main():
             one = f"{r['gbs'] / f['gbs']:.3f}"
             if "b2b_us" not in r or "b2b_us" not in f:
                 return one
-            return f"{one} | {r['gbs'] * r['us'] / r['b2b_us'] / (f['gbs'] * f['us'] / f['b2b_us']):.3f}"
+            return f"{one} | {r['gbs'] * b2b_scale(r) / (f['gbs'] * b2b_scale(f)):.3f}"
         print("varlen / fixed-length throughput (GB/s), one call | back to back: " + ", ".join(
             f"s_k {r['s_k']} h_q {r['h_q']} s_q {r['s_q']} {ratios(r, f)}" for r, f in pairs))
     if rows:

@@ -21,8 +21,8 @@ h_q, s_q = int(sys.argv[1]), int(sys.argv[2])
 batch, s_k = (int(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 4 else (128, 16384)
 if os.environ.get("NCU_VARLEN"):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
-    from bench import varlen_lens  # noqa: E402
-    lens = varlen_lens(batch, s_k, s_k + h_q)
+    from bench import config_lens  # noqa: E402
+    lens = config_lens(batch, s_k, h_q, True)
 else:
     lens = [s_k] * batch
 q, k_cache, block_table, seqlens = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)

@@ -15,11 +15,10 @@ from flashmla_jit import api, driver, get_mla_metadata
 def launcher(batch, s_k, h_q, s_q, make_buffer, varlen=False):
     """(launch, buffer): make_buffer(plan) -> a GPU tensor; launch() queues one call with
     the buffer in k_scale, on the current stream."""
-    if varlen:
-        from bench import varlen_lens
-        lens = varlen_lens(batch, s_k, s_k + h_q)
-    else:
-        lens = [s_k] * batch
+    lens = [s_k] * batch
+    if varlen:  # the bench's varlen row (bench imports triton: only where needed)
+        from bench import config_lens
+        lens = config_lens(batch, s_k, h_q, True)
     q, k, bt, sl = make_inputs(batch, s_q, h_q, 1, lens, nan_tail=False)
     sched, splits = get_mla_metadata(sl, s_q * h_q, 1)
     # The plan of this call, made without a launch through the API.
