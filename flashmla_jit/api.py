@@ -409,10 +409,10 @@ class _DecodePlan:
             softmax_scale = head_dim ** -0.5
         self.device = device
         self.out_shape, self.lse_shape, self.dtype = out_shape, lse_shape, qt.dtype
-        # Split pieces: fp32 partial outputs, then their log2-domain lse, in one allocation.
-        # Each cut between parts adds at most one piece to the batch's count.
+        # Split pieces: fp32 partial outputs, their log2-domain lse, then a u32 flag per
+        # piece and decode CTA (combine.cuh), in one allocation. Each cut between parts
+        # adds at most one piece to the batch's count.
         self.partial_rows = (batch + num_parts) * h_kv * rows
-        self.scratch_numel = self.partial_rows * (head_dim_v + 1)
         self.head_dim_v = head_dim_v
         # Rope columns: the split tensors, or the columns after the latent ones in the same rows.
         self.q_pe_split, self.k_pe_split = qpt is not None, kpt is not None
@@ -429,7 +429,7 @@ class _DecodePlan:
         self.seesaw_templates = {}  # (k, k_pe) addresses -> parameters with their tensor maps
         self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format, self.seesaw)
         self.decode_params = DecodeParams(
-            *([0] * 13),  # pointers: filled per call
+            *([0] * 14),  # pointers: filled per call
             *bsh(qt.strides), *kt.strides[:3], *bsh((qpt or qt).strides),
             *(kpt or kt).strides[:3], bt.strides[0], *bsh(o_strides), *lse_strides,
             batch, s_q, h_q, h_kv, heads_per_kv, rows, page_size, num_pages, bt.shape[1],
@@ -437,14 +437,17 @@ class _DecodePlan:
         if self.seesaw:
             self.decode_params = SeesawParams(p=self.decode_params)
         self.decode_grid = (math.ceil(rows / self.decode_spec.tile_rows), h_kv, num_parts)
+        flags = (batch + num_parts) * h_kv * self.decode_grid[0]
+        self.scratch_numel = self.partial_rows * (head_dim_v + 1) + flags
         # Combine grid: a warp per row (8 rows a CTA), or a CTA per row (or per part of a
         # row) when requests split into so many pieces that a warp's walk is slower.
         decode_ctas = math.prod(self.decode_grid)  # one a SM
         chunks, merge_warps = merge_grid(batch, h_kv, rows, num_parts, head_dim_v, decode_ctas)
         self.combine_spec = combine_spec(qt.dtype, head_dim, head_dim_v, chunks, merge_warps)
+        self.piece_flags = chunks == 0  # the few-pieces grid merges each request once its pieces are stored
         self.combine_params = CombineParams(
-            *([0] * 7),  # pointers: filled per call
-            *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows)
+            *([0] * 8),  # pointers: filled per call
+            *bsh(o_strides), *lse_strides, batch, s_q, h_q, h_kv, heads_per_kv, rows, self.decode_spec.tile_rows)
         self.combine_grid = (merge_ctas(batch, h_kv, rows, head_dim_v, chunks), 1, 1)
         # Per call only the pointers change: they are packed into a copy of a template.
         from .params import COMBINE_POINTERS, DECODE_POINTERS, PointerPacker
@@ -488,19 +491,21 @@ class _DecodePlan:
         if o_accum % 128:  # the merge drops partials from L2 by whole 128-byte lines (combine.cuh)
             raise RuntimeError(f"flashmla_jit: split-KV scratch at 0x{o_accum:x} is not 128-byte aligned")
         lse_accum = o_accum + self.partial_rows * self.head_dim_v * 4
+        piece_done = lse_accum + self.partial_rows * 4 if self.piece_flags else 0
         if not self.q_pe_split:
             q_pe = q_ptr + 2 * self.head_dim_v
         if not self.k_pe_split:
             k_pe = k_ptr + 2 * self.head_dim_v
         template = self._seesaw_template(k_ptr, k_pe) if self.seesaw else self.decode_template
         params = type(self.decode_params).from_buffer_copy(template)
-        self.pack_decode(params, q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns, out_ptr, lse_ptr, o_accum, lse_accum)
+        self.pack_decode(params, q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns, out_ptr, lse_ptr, o_accum, lse_accum,
+                         piece_done)
         if k_scale:
             self.pack_k_scale(params, k_scale)
         cp = type(self.combine_params).from_buffer_copy(self.combine_template)
-        self.pack_combine(cp, sched, ns, cu, o_accum, lse_accum, out_ptr, lse_ptr)
+        self.pack_combine(cp, sched, ns, cu, o_accum, lse_accum, piece_done, out_ptr, lse_ptr)
         # The combine starts while the decode kernel drains (programmatic dependent
-        # launch) and waits on the GPU for its partials.
+        # launch) and merges each request once the flags say its partials are stored.
         launches = ((self.decode_spec, self.decode_grid, params, stream, False),
                     (self.combine_spec, self.combine_grid, cp, stream, True))
         return out, lse, scratch, launches

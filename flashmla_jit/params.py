@@ -17,7 +17,7 @@ class DecodeParams(ctypes.Structure):
     _fields_ = [
         ("q", P), ("k", P), ("q_pe", P), ("k_pe", P), ("block_table", P), ("seqlens", P), ("cu_seqlens_q", P),
         ("sched", P), ("num_splits", P),
-        ("out", P), ("lse", P), ("o_accum", P), ("lse_accum", P),
+        ("out", P), ("lse", P), ("o_accum", P), ("lse_accum", P), ("piece_done", P),
         ("q_batch_stride", I), ("q_seq_stride", I), ("q_head_stride", I),
         ("k_page_stride", I), ("k_row_stride", I), ("k_head_stride", I),
         ("q_pe_batch_stride", I), ("q_pe_seq_stride", I), ("q_pe_head_stride", I),
@@ -42,11 +42,12 @@ class SeesawParams(ctypes.Structure):
 
 class CombineParams(ctypes.Structure):
     _fields_ = [
-        ("sched", P), ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P), ("out", P),
-        ("lse", P),
+        ("sched", P), ("num_splits", P), ("cu_seqlens_q", P), ("o_accum", P), ("lse_accum", P),
+        ("piece_done", P), ("out", P), ("lse", P),
         ("o_batch_stride", I), ("o_seq_stride", I), ("o_head_stride", I),
         ("lse_batch_stride", I), ("lse_head_stride", I), ("lse_seq_stride", I),
         ("batch", I), ("s_q", I), ("h_q", I), ("h_kv", I), ("heads_per_kv", I), ("rows", I),
+        ("decode_tile_rows", I),
     ]
 
 
@@ -79,5 +80,5 @@ class PointerPacker:
 
 # The pointer fields of a call, in the order the API fills them.
 DECODE_POINTERS = ("q", "k", "q_pe", "k_pe", "block_table", "seqlens", "cu_seqlens_q", "sched", "num_splits",
-                   "out", "lse", "o_accum", "lse_accum")
-COMBINE_POINTERS = ("sched", "num_splits", "cu_seqlens_q", "o_accum", "lse_accum", "out", "lse")
+                   "out", "lse", "o_accum", "lse_accum", "piece_done")
+COMBINE_POINTERS = ("sched", "num_splits", "cu_seqlens_q", "o_accum", "lse_accum", "piece_done", "out", "lse")

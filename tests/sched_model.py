@@ -130,3 +130,14 @@ def pieces_of(sched, num_splits, seqlens, block_n):
                 split = b_split if pos == b_pos else num_splits[req]
                 yield part, req, lo, hi, split
             pos += 1
+
+
+def zeroed_flags(sched, part, batch):
+    """The split indices whose flags part `part`'s decode CTAs zero before the combine may
+    start (params.cuh, decode_start_pieces): its first piece's and, when it ends inside a
+    request, its last piece's (the next part's first, minus one). Split indices go by
+    request index while the line may be reordered, so the last can lie below the first."""
+    rec = sched[part]
+    first = rec[4]
+    last = sched[part + 1][4] - 1 if rec[3] > 0 and part + 1 < len(sched) else first
+    return {first} | ({last} if last < batch + len(sched) else set())

@@ -274,6 +274,34 @@ def test_back_to_back_split_calls_each_merge_their_own_partials():
             assert_close(out, lse, ref_out, ref_lse, f"back-to-back call {i} b={batch} h_q={h_q}")
 
 
+@pytest.mark.parametrize("seesaw", ["1", "0"])
+def test_merge_waits_for_its_pieces_over_stale_flags(seesaw, monkeypatch):
+    # The combine kernel merges a request as soon as its pieces' flags (in the call's
+    # scratch) say they are stored, while other decode CTAs still run; every decode CTA
+    # zeroes its flags before the combine may start. Scratch drawn from memory full of
+    # ones (every flag "set", partials denormal) must still merge each call's own pieces.
+    from flashmla_jit import api, settings
+    monkeypatch.setenv("FLASHMLA_JIT_SEESAW", seesaw)
+    settings.get.cache_clear()
+    api._plans.clear()
+    try:
+        for batch, h_q in ((128, 64), (4, 16), (40, 128)):  # a warp per row; CTAs per chunk
+            lens = torch.randint(1, 6000, (batch,)).tolist()
+            q, k_cache, block_table, seqlens = make_inputs(batch, 1, h_q, 1, lens)
+            sched, ns = get_mla_metadata(seqlens, h_q, 1)
+            assert ns.diff().max().item() > 1, "the case must split requests"
+            ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512)
+            for trial in range(3):
+                torch.cuda.empty_cache()  # then the only free block is the ones', freed at once:
+                torch.ones(1 << 26, dtype=torch.int32, device="cuda")  # the call's buffers come from it
+                out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, ns)
+                assert_close(out, lse, ref_out, ref_lse, f"stale flags, seesaw={seesaw} b={batch} h_q={h_q} #{trial}")
+    finally:
+        monkeypatch.undo()
+        settings.get.cache_clear()
+        api._plans.clear()
+
+
 def test_misaligned_q_is_refused_on_the_cached_path():
     q, k_cache, block_table, seqlens = make_inputs(2, 1, 16, 1, [100, 200])
     sched, ns = get_mla_metadata(seqlens, 16, 1)

@@ -16,8 +16,16 @@
 // output of an active request is always written. Padding requests (at or past the
 // active count in the scheduler records) are never written.
 //
-// The kernel may start before the decode kernel has finished (programmatic dependent
-// launch); every CTA that merges waits for it (griddepcontrol.wait) first.
+// The kernel starts while the decode kernel runs (programmatic dependent launch) and gets
+// SMs as decode CTAs exit. In the few-pieces grid a CTA merges as soon as its rows' pieces
+// are stored (their flags, params.cuh), so merges of requests whose parts ended early
+// overlap the decode kernel's last CTAs (b = 128 varlen h64 4K-8K: merge tail 9-10 ->
+// 3-4 us, steps 2-4 us shorter); in the many-pieces grid every piece ends with the decode
+// grid, and its CTAs wait for that (griddepcontrol.wait; flags cost b = 1 h16 32K 6 us).
+// A flag is read with ld.acquire.gpu, after which (and the CTA barrier) plain loads see
+// the partials it guards: the acquire also drops this SM's L1 (CCTL.IVALL in the SASS),
+// where another CTA may have cached a line of lse of two pieces (below 32 rows) before
+// the second was written.
 #pragma once
 #include "params.cuh"
 
@@ -34,11 +42,15 @@ constexpr int kChunkCols = 128;                      // a warp's columns per 16-
 template <int kWarps>
 constexpr int kMergeLoads = kWarps == 16 ? 10 : 18;
 
-// The pieces of one output row and where its result goes.
+// The pieces of one output row.
 struct CombineRow {
   const float* lse_accum;  // piece k's lse at lse_accum[k * piece_stride]
   const float* o_accum;    // piece k's row at o_accum + k * piece_stride * dv
-  i64 piece_stride;
+  int piece_stride;        // h_kv * rows (an int: one register less in the merge loops)
+};
+// Where a merged row goes: worked out after the merge (combine_kernel), since pointers
+// held across it made the few-pieces grid spill or drop to 2 CTAs an SM.
+struct CombineDest {
   u16* out;
   float* lse;
 };
@@ -61,7 +73,7 @@ __device__ __forceinline__ float total_lse(const CombineRow& row, int n, int lan
   const i64 stride = 32 * row.piece_stride;  // lane's next piece
   // kLoads lse values from piece k1 on, lane's pieces (-inf past n)
   auto load = [&](int k1, float (&l)[kLoads]) {
-    const float* p = row.lse_accum + k1 * row.piece_stride;
+    const float* p = row.lse_accum + (i64)k1 * row.piece_stride;
 #pragma unroll
     for (int j = 0; j < kLoads; ++j, p += stride) l[j] = k1 + 32 * j < n ? *p : -inf;
   };
@@ -110,8 +122,8 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
   for (int k1 = k0; k1 < n; k1 += kSlots * step) {
     float4 v[kSlots][kChunks];
     float lse[kSlots];
-    const float* o = o_base + k1 * row.piece_stride * kDV;
-    const float* l = row.lse_accum + k1 * row.piece_stride;
+    const float* o = o_base + (i64)k1 * row.piece_stride * kDV;
+    const float* l = row.lse_accum + (i64)k1 * row.piece_stride;
 #pragma unroll
     for (int i = 0; i < kSlots; ++i, o += o_step, l += lse_step) {
       const bool live = k1 + i * step < n;
@@ -137,7 +149,7 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
     // used its values above. Addresses recomputed (opaque): held from the loads, they
     // would cost 2 registers a slot.
     if (lane % 8 == 0) {
-      const float* o = o_base + (int)opaque(k1) * row.piece_stride * kDV;
+      const float* o = o_base + (i64)(int)opaque(k1) * row.piece_stride * kDV;
 #pragma unroll
       for (int i = 0; i < kSlots; ++i, o += o_step)
         if (k1 + i * step < n)
@@ -148,29 +160,30 @@ __device__ __forceinline__ float merge_pieces(const CombineRow& row, int n, int 
   return lse_total;
 }
 
-__device__ __forceinline__ void write_lse(const CombineRow& row, bool empty, float lse_total) {
-  *row.lse = empty ? __int_as_float(0x7f800000) : lse_total * kLn2;
+__device__ __forceinline__ void write_lse(const CombineDest& dest, bool empty, float lse_total) {
+  *dest.lse = empty ? __int_as_float(0x7f800000) : lse_total * kLn2;
 }
 
 // Few pieces: one warp merges one row on its own, all four chunks of two pieces in
 // flight at once (a split request has 2-3 pieces).
-template <typename T, int kDV>
-__device__ void combine_row_by_warp(const CombineRow& row, int n, int lane) {
+template <typename T, int kDV, typename Dest>
+__device__ void combine_row_by_warp(const CombineRow& row, int n, int lane, Dest dest_of) {
   constexpr int kChunks = kDV / kChunkCols;
   float4 acc[kChunks];
   bool empty;
   const float lse_total = merge_pieces<2, kChunks, 1, kDV>(row, n, 0, 0, 1, lane, acc, empty);
+  const CombineDest dest = dest_of();
 #pragma unroll
   for (int c = 0; c < kChunks; ++c)
-    *(uint2*)(row.out + c * kChunkCols + lane * 4) =
+    *(uint2*)(dest.out + c * kChunkCols + lane * 4) =
         make_uint2(cvt_pack(acc[c].x, acc[c].y, T{}), cvt_pack(acc[c].z, acc[c].w, T{}));
-  if (lane == 0) write_lse(row, empty, lse_total);
+  if (lane == 0) write_lse(dest, empty, lse_total);
 }
 
 // Many pieces: the CTA's kWarps warps merge kChunks 128-column chunks of one row, warp w
 // pieces w, w + kWarps, ...; the warps' sums meet in shared memory.
-template <typename T, int kDV, int kChunks, int kWarps>
-__device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid) {
+template <typename T, int kDV, int kChunks, int kWarps, typename Dest>
+__device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid, Dest dest_of) {
   __shared__ float4 partial[kWarps][kChunks][32];
   const int warp = tid / 32, lane = tid % 32;
   float4 acc[kChunks];
@@ -189,10 +202,26 @@ __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, 
       o0 += flat[col];
       o1 += flat[col + 1];
     }
-    *(u32*)(row.out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
+    *(u32*)(dest_of().out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
   }
   // Warps without a piece (n < kWarps) skip merge_pieces' rounds; warp 0 has piece 0.
-  if (tid == 0 && chunk0 == 0) write_lse(row, empty, lse_total);
+  if (tid == 0 && chunk0 == 0) write_lse(dest_of(), empty, lse_total);
+}
+
+// Wait until the decode CTAs of the row's n pieces have stored them (params.cuh, piece
+// flags): warp 0 polls them, lane k piece k (then k + 32, ...), and the barrier after
+// lets the other warps read what the flags guard (ld.acquire.gpu also drops this SM's L1).
+// The decode grid holds every SM it needs before this grid starts, so the wait ends.
+__device__ __forceinline__ void wait_for_pieces(const CombineParams& p, int first, int n, int head_kv, int row,
+                                                int warp, int lane) {
+  if (warp == 0) {
+    const int m_blocks = (int)((p.rows + p.decode_tile_rows - 1) / p.decode_tile_rows);
+    const u32* flag = p.piece_done + piece_flag(first, head_kv, (int)p.h_kv, row / (int)p.decode_tile_rows, m_blocks);
+    const int stride = (int)p.h_kv * m_blocks;  // the next piece's flag
+    for (int k = lane; k - lane < n; k += 32)
+      while (!__all_sync(0xffffffff, k >= n || ld_acquire_gpu(flag + k * stride) == 1)) __nanosleep(200);
+  }
+  __syncthreads();
 }
 
 // kCtaChunks = 0: the few-pieces grid, CTA = (request, KV head, group of 8 rows), warp =
@@ -211,11 +240,16 @@ __global__ void __launch_bounds__(kCtaChunks > 0 ? 32 * kMergeWarps : kCombineTh
   constexpr int kCtasPerRow = kByCta ? kChunks / kCtaChunks : 1;
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const i64 rows = p.rows;
-  const i64 per_head = kByCta ? rows * kCtasPerRow : (rows + kCombineWarps - 1) / kCombineWarps;
-  const int req = (int)(blockIdx.x / (p.h_kv * per_head));
-  const int head_kv = (int)(blockIdx.x / per_head % p.h_kv);
-  const int item = (int)(blockIdx.x % per_head);
-  const int r = kByCta ? item / kCtasPerRow : item * kCombineWarps + warp;
+  // The CTA's request, KV head and item (a row, or a group of 8), and this warp's row.
+  auto locate = [&](u32 block, int warp, int& req, int& head_kv, int& item, int& r) {
+    const i64 per_head = kByCta ? p.rows * kCtasPerRow : (p.rows + kCombineWarps - 1) / kCombineWarps;
+    req = (int)(block / (p.h_kv * per_head));
+    head_kv = (int)(block / per_head % p.h_kv);
+    item = (int)(block % per_head);
+    r = kByCta ? item / kCtasPerRow : item * kCombineWarps + warp;
+  };
+  int req, head_kv, item, r;
+  locate(blockIdx.x, warp, req, head_kv, item, r);
 
   // Before the wait only the schedule and cu_seqlens_q are read: both were final before
   // the decode kernel started.
@@ -230,21 +264,28 @@ __global__ void __launch_bounds__(kCtaChunks > 0 ? 32 * kMergeWarps : kCombineTh
   // still completes only after the decode kernel: work queued after it sees all outputs.
   const int cta_first_row = kByCta ? r : item * kCombineWarps;
   const bool idle = n == 1 || req >= p.sched[5] || cta_first_row >= req_rows;
-  if (idle && blockIdx.x != 0) return;
-  grid_dependency_wait();  // the decode kernel has finished: its partials are visible
-  // Uniform per CTA in the many-pieces grid, so the early return skips no barrier.
-  if (idle || r >= req_rows) return;  // written by decode, or no such row
+  if (blockIdx.x == 0 || (kByCta && !idle)) grid_dependency_wait();  // the decode kernel has finished
+  if (idle) return;
+  if (!kByCta) wait_for_pieces(p, first, n, head_kv, cta_first_row, warp, lane);  // their partials are visible
+  if (r >= req_rows) return;  // no such row (a warp of the few-pieces grid)
 
-  const int tok = span.first + r / (int)p.heads_per_kv;
-  const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
   const i64 piece0 = ((i64)first * p.h_kv + head_kv) * rows + r;
-  const CombineRow row{p.lse_accum + piece0, p.o_accum + piece0 * kDV, p.h_kv * rows,
-                       (u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride,
+  const CombineRow row{p.lse_accum + piece0, p.o_accum + piece0 * kDV, (int)(p.h_kv * rows)};
+  // The row's destination, located again from the block index (opaque: not held across
+  // the merge) and the reloaded span.
+  auto dest_of = [&]() {
+    int req, head_kv, item, r;
+    locate(opaque(blockIdx.x), (int)opaque(threadIdx.x) / 32, req, head_kv, item, r);
+    const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
+    const int tok = span.first + r / (int)p.heads_per_kv;
+    const int hq = head_kv * (int)p.heads_per_kv + r % (int)p.heads_per_kv;
+    return CombineDest{(u16*)p.out + req * p.o_batch_stride + tok * p.o_seq_stride + hq * p.o_head_stride,
                        p.lse + req * p.lse_batch_stride + hq * p.lse_head_stride + tok * p.lse_seq_stride};
+  };
   if constexpr (kByCta)
-    combine_chunks_by_cta<T, kDV, kCtaChunks, kMergeWarps>(row, n, item % kCtasPerRow * kCtaChunks, tid);
+    combine_chunks_by_cta<T, kDV, kCtaChunks, kMergeWarps>(row, n, item % kCtasPerRow * kCtaChunks, tid, dest_of);
   else
-    combine_row_by_warp<T, kDV>(row, n, lane);
+    combine_row_by_warp<T, kDV>(row, n, lane, dest_of);
 }
 
 }  // namespace flashmla

@@ -118,13 +118,14 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   constexpr bool kFp8 = kKv != kKvSame;
   static_assert(!kFp8 || !kWgmma, "FP8 caches run on 16- and 32-row (mma.sync) tiles");
 
-  // Let the combine kernel's CTAs be scheduled as SMs free up; they wait for this grid.
-  grid_launch_dependents();
+  if (!p.piece_done) grid_launch_dependents();  // the combine's CTAs may be scheduled; they wait for us
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   auto& smem = *reinterpret_cast<DecodeSmem<kTileRows, kD, kKv>*>(smem_raw);
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int rg = warp % kRowGroups, cg = warp / kRowGroups;  // row group, column group
+  // The last warp, provably warp-uniform (the 64-row tile's wgmma is serialized otherwise).
+  auto last_warp = [&]() { return __shfl_sync(0xffffffff, threadIdx.x / 32, 0) == kDecodeThreads / 32 - 1; };
   const int g = lane / 4, t = lane % 4;                       // mma fragment coordinates
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
@@ -154,6 +155,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
   }
 
   const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
+  bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
 
   for (int pos = begin_pos; pos <= end_pos && pos < p.batch; ++pos) {
     const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
@@ -218,6 +220,10 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
     if constexpr (kFp8) {  // FP8: two blocks in flight; one commit group per block (maybe empty)
       if (lo + 1 < hi) load_kv(lo + 1, 1);
       else cp_async_commit_group();
+    }
+    if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
+      if (p.piece_done && last_warp()) decode_start_pieces(p);
+      pieces_started = true;
     }
 
     // Per-row visible length (end-aligned causal mask), kept in shared memory: two more
@@ -424,6 +430,7 @@ __global__ void __launch_bounds__(kDecodeThreads, 1) decode_kernel(const __grid_
           p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
       }
     }
+    if (n_pieces > 1 && p.piece_done) decode_publish_piece(p, split, last_warp());
   }
 }
 

@@ -177,7 +177,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   constexpr int kLeft = 0, kRight = 1, kRopePart = 2;
   const DecodeParams& p = sp.p;
 
-  grid_launch_dependents();  // the combine kernel's CTAs may be scheduled; they wait for us
+  if (!sp.p.piece_done) grid_launch_dependents();  // the combine's CTAs may be scheduled; they wait for us
   cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2), cta_stamp_smid(sp.p);
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 sbase = smem_u32(smem);
@@ -193,6 +193,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   // Warpgroup index broadcast from lane 0: provably warp-uniform, so ptxas does not treat
   // the per-warpgroup code paths (which hold all the wgmma) as divergent.
   const int wg = __shfl_sync(0xffffffff, tid / 128, 0);
+  // The last warp, likewise provably uniform (recomputed where used: registers are full).
+  auto last_warp = [&]() { return __shfl_sync(0xffffffff, threadIdx.x / 32, 0) == kSeesawThreads / 32 - 1; };
   const int t = lane % 4;                             // accumulator fragment column pair
   const int row0 = (warp % 4) * 16 + lane / 4;        // this thread's rows: row0 and row0 + 8
   const int m_block = blockIdx.x, head_kv = blockIdx.y;
@@ -212,6 +214,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   // Phase parity of the buffer this warpgroup's S reads (WG0: kv0, WG1: kv1); it flips
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
+  bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
 
   for (int pos = rec[0], last = min(rec[2], (int)p.batch - 1); pos <= last; ++pos) {
     const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
@@ -276,6 +279,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // Q: per-thread values recomputed (opaque), not held across the main loop
     load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
     cp_async_commit_group();
+    if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
+      if (p.piece_done && last_warp()) decode_start_pieces(p);
+      pieces_started = true;
+    }
     if (tid < 64) {  // per-row visible length (end-aligned causal mask)
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
@@ -751,6 +758,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
             p.lse_accum[prow] = empty[h] ? -__int_as_float(0x7f800000) : __log2f(l_run[h]) + m_run[h];
         }
       }
+      if (n_pieces > 1 && p.piece_done) decode_publish_piece(p, split, last_warp());
     }
     // The staging area is the next request's KV buffers: read out before its first loads
     // (after the __syncthreads that starts it) and before the CTA exits.

@@ -52,6 +52,7 @@ struct DecodeParams {
   float* lse;                 // (batch, h_q, s_q), or (h_q, total_q) when ragged
   float* o_accum;             // (pieces, h_kv, rows, head_dim_v) fp32 partial outputs
   float* lse_accum;           // (pieces, h_kv, rows) log2-domain partial lse
+  u32* piece_done;            // (pieces, h_kv, m-blocks): 1 once a piece's partials are stored, or null
   i64 q_batch_stride, q_seq_stride, q_head_stride;        // elements
   i64 k_page_stride, k_row_stride, k_head_stride;         // elements
   i64 q_pe_batch_stride, q_pe_seq_stride, q_pe_head_stride;
@@ -94,12 +95,60 @@ struct CombineParams {
   const int* cu_seqlens_q;    // as in DecodeParams
   const float* o_accum;       // (pieces, h_kv, rows, head_dim_v)
   const float* lse_accum;     // (pieces, h_kv, rows)
+  const u32* piece_done;      // as in DecodeParams (the few-pieces grid's)
   void* out;                  // (batch, s_q, h_q, head_dim_v)
   float* lse;                 // (batch, h_q, s_q)
   i64 o_batch_stride, o_seq_stride, o_head_stride;
   i64 lse_batch_stride, lse_head_stride, lse_seq_stride;
   i64 batch, s_q, h_q, h_kv, heads_per_kv, rows;
+  i64 decode_tile_rows;       // query rows of a decode CTA: row r's piece flag is m-block r / this
 };
+
+// ---- Split pieces merge as soon as they are stored (the few-pieces combine grid) ----
+// The combine kernel starts while the decode kernel runs (programmatic dependent launch)
+// and gets SMs as decode CTAs exit. Where requests split in a few pieces (large batches:
+// their parts end at different times) each of its CTAs merges a request once that
+// request's pieces are stored, not after the whole decode grid: the decode CTA of a piece
+// (split index, KV head, m-block) sets its flag to 1 after its partials. The flags live
+// in the call's scratch, so they start as anything: before a decode CTA lets the combine
+// start, it zeroes the flags of the pieces it may write, its part's first and last (the
+// pieces of its middle requests are whole, and a request split across parts is the last
+// piece of one and the first of the next, so the next part's first split index, minus
+// one, is this part's last; split indices go by request index while the cost line may be
+// reordered, so the last can lie below the first: tests/sched_model.py, zeroed_flags). CTAs that exit before any work own no flag that is read,
+// and their exit lets the combine start as a launch_dependents would. With piece_done
+// null (the many-pieces grid: every piece of a small batch ends with the grid) there are
+// no flags, and the combine waits for the decode grid.
+__device__ __forceinline__ i64 piece_flag(int split, int head_kv, int h_kv, int m_block, int m_blocks) {
+  return ((i64)split * h_kv + head_kv) * m_blocks + m_block;
+}
+__device__ __forceinline__ u32* decode_piece_flag(const DecodeParams& p, int split) {
+  return p.piece_done + piece_flag(split, blockIdx.y, gridDim.y, blockIdx.x, gridDim.x);
+}
+
+// Decode, with flags: once, by one warp (a provably warp-uniform branch: wgmma code
+// around it is serialized otherwise), at its CTA's first request, after issuing its loads
+// so that the fence overlaps their wait: zero this CTA's flags, then let the combine be
+// scheduled. Only this warp calls launch_dependents: a CTA's first call is the one that
+// counts, and it must come after the zeroes are visible.
+__device__ __forceinline__ void decode_start_pieces(const DecodeParams& p) {
+  const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
+  const int first = rec[4];
+  const int last = rec[3] > 0 && blockIdx.z + 1 < gridDim.z ? rec[kSchedRecordInts + 4] - 1 : first;
+  *decode_piece_flag(p, first) = 0;
+  if (last != first && last < p.batch + gridDim.z) *decode_piece_flag(p, last) = 0;  // the scratch holds batch + parts pieces
+  __threadfence();
+  grid_launch_dependents();
+}
+
+// Decode, with flags, after every thread stored its partials of piece `split`: a
+// CTA-uniform call; `publisher` is true in one warp (warp-uniform). Every thread fences
+// its own stores before the barrier, then that warp's release publishes them.
+__device__ __forceinline__ void decode_publish_piece(const DecodeParams& p, int split, bool publisher) {
+  __threadfence();
+  __syncthreads();
+  if (publisher) st_release_gpu(decode_piece_flag(p, split), 1);
+}
 
 struct MetadataParams {
   const int* seqlens;         // (batch,)

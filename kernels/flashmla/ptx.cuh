@@ -107,6 +107,18 @@ __device__ __forceinline__ void grid_launch_dependents() { asm volatile("griddep
 // Wait until the previous kernel in the stream has completed and its writes are visible.
 __device__ __forceinline__ void grid_dependency_wait() { asm volatile("griddepcontrol.wait;\n" ::: "memory"); }
 
+// ---- flags between kernels running at once (gpu scope) ---------------------------------
+// A release store is ordered after every write this thread saw before it; an acquire
+// load before every access after it (its SASS drops the SM's L1, which other SMs'
+// writes do not update). Neither goes through L1.
+__device__ __forceinline__ void st_release_gpu(u32* ptr, u32 v) {
+  asm volatile("st.release.gpu.global.u32 [%0], %1;\n" ::"l"(ptr), "r"(v) : "memory");
+}
+__device__ __forceinline__ u32 ld_acquire_gpu(const u32* ptr) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];\n" : "=r"(v) : "l"(ptr) : "memory");
+  return v;
+}
 // ---- named barriers: sync a subset of warps (id 0 is __syncthreads) -----------------
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
