@@ -164,7 +164,7 @@ __device__ __forceinline__ void write_lse(const CombineDest& dest, bool empty, f
 }
 
 // Few pieces: one warp merges one row on its own, all four chunks of two pieces in
-// flight at once (a split request has 2-3 pieces).
+// flight at once (a split request has 2-3 pieces); dest_of() locates the row after it.
 template <typename T, int kDV, typename Dest>
 __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane, Dest dest_of) {
   constexpr int kChunks = kDV / kChunkCols;
@@ -181,8 +181,8 @@ __device__ void combine_row_by_warp(const CombineRow& row, int n, int lane, Dest
 
 // Many pieces: the CTA's kWarps warps merge kChunks 128-column chunks of one row, warp w
 // pieces w, w + kWarps, ...; the warps' sums meet in shared memory.
-template <typename T, int kDV, int kChunks, int kWarps, typename Dest>
-__device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid, Dest dest_of) {
+template <typename T, int kDV, int kChunks, int kWarps>
+__device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, int tid, const CombineDest& dest) {
   __shared__ float4 partial[kWarps][kChunks][32];
   const int warp = tid / 32, lane = tid % 32;
   float4 acc[kChunks];
@@ -201,10 +201,10 @@ __device__ void combine_chunks_by_cta(const CombineRow& row, int n, int chunk0, 
       o0 += flat[col];
       o1 += flat[col + 1];
     }
-    *(u32*)(dest_of().out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
+    *(u32*)(dest.out + (chunk0 + c) * kChunkCols + col) = cvt_pack(o0, o1, T{});
   }
   // Warps without a piece (n < kWarps) skip merge_pieces' rounds; warp 0 has piece 0.
-  if (tid == 0 && chunk0 == 0) write_lse(dest_of(), empty, lse_total);
+  if (tid == 0 && chunk0 == 0) write_lse(dest, empty, lse_total);
 }
 
 // Wait until the decode CTAs of the row's n pieces have stored them (params.cuh, piece
@@ -280,9 +280,8 @@ __global__ void __launch_bounds__(kCtaChunks > 0 ? 32 * kMergeWarps : kCombineTh
   if constexpr (kByCta) {
     // Worked out before the merge: its span came before the wait, so the stores wait for no
     // load after it (located after it, the b = 1 and 4 merge tails grew 0.9-1.8 us).
-    const CombineDest dest = dest_at(req, head_kv, r, span);
     combine_chunks_by_cta<T, kDV, kCtaChunks, kMergeWarps>(row, n, item % kCtasPerRow * kCtaChunks, tid,
-                                                           [&]() { return dest; });
+                                                           dest_at(req, head_kv, r, span));
   } else {
     // Located again after the merge from the block index (opaque: not held across it) and
     // the reloaded span: held, these pointers made the few-pieces grid spill or drop to 2
