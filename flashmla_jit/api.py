@@ -410,7 +410,7 @@ class _DecodePlan:
         self.device = device
         self.out_shape, self.lse_shape, self.dtype = out_shape, lse_shape, qt.dtype
         # Split pieces: fp32 partial outputs, their log2-domain lse, then a u32 flag per
-        # piece and decode CTA (combine.cuh), in one allocation. Each cut between parts
+        # piece and decode CTA (params.cuh), in one allocation. Each cut between parts
         # adds at most one piece to the batch's count.
         self.partial_rows = (batch + num_parts) * h_kv * rows
         self.head_dim_v = head_dim_v
