@@ -115,10 +115,11 @@ struct CombineParams {
 // pieces of its middle requests are whole, and a request split across parts is the last
 // piece of one and the first of the next, so the next part's first split index, minus
 // one, is this part's last; split indices go by request index while the cost line may be
-// reordered, so the last can lie below the first: tests/sched_model.py, zeroed_flags). CTAs that exit before any work own no flag that is read,
-// and their exit lets the combine start as a launch_dependents would. With piece_done
-// null (the many-pieces grid: every piece of a small batch ends with the grid) there are
-// no flags, and the combine waits for the decode grid.
+// reordered, so the last can lie below the first: tests/sched_model.py, zeroed_flags).
+// CTAs that exit before any work own no flag that is read, and their exit lets the
+// combine start as a launch_dependents would. With piece_done null (the many-pieces grid:
+// every piece of a small batch ends with the grid) there are no flags, and the combine
+// waits for the decode grid.
 __device__ __forceinline__ i64 piece_flag(int split, int head_kv, int h_kv, int m_block, int m_blocks) {
   return ((i64)split * h_kv + head_kv) * m_blocks + m_block;
 }
