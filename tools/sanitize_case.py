@@ -5,8 +5,7 @@ that see nothing, NaN page tails and a multi-tile query (rows > 64), the seesaw 
 (64-token pages) and the cp.async one (page 16), requests reordered on the cost line
 (metadata.cuh, pack_order), every merge grid (a warp per row, which merges as the decode
 CTAs flag their pieces, a CTA per 1, 2 or 4 chunks of a row, one chunk in 8 or 16 warps:
-api.merge_grid); and both FP8
-cache formats (staging buffers, the in-smem dequantization).
+api.merge_grid); and both FP8 cache formats (staging buffers, the in-smem dequantization).
 """
 import os
 import sys
