@@ -68,7 +68,7 @@ def select_specs(args) -> list:
                     rows = [s_q * h for h in args.heads] if args.heads else list(specs.TILE_ROWS)
                     out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv) for r in rows]
                     # FlashMLA's 64-token pages (and multiples) run the seesaw kernel; without
-                    # --heads both of its variants (up to 128 rows and above)
+                    # --heads both of its variants (up to 64 rows and above)
                     if specs.seesaw_fits(dv, kv, specs.BLOCK_N):
                         seesaw_rows = rows if args.heads else (rows[0], specs.EVICT_FIRST_ABOVE_ROWS + 1)
                         out += [specs.decode_spec(dtype, d, dv, c, s_q, r, kv, True) for r in seesaw_rows]

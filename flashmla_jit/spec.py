@@ -40,9 +40,10 @@ MERGE_CHUNKS = (1, 2, 4)  # 128-column chunks a CTA of the many-pieces merge tak
 MERGE_LOADS = {8: 18, 16: 10}  # its warps a CTA -> 16-byte loads a lane holds in flight (kMergeLoads)
 METADATA_THREADS = 1024
 MAX_PARTS = 1024        # upper bound on scheduler parts (the metadata kernel's smem table)
-# Above this many query rows per KV head the seesaw kernel loads KV evict-first in L2
-# (decode_seesaw.cuh's load_kv: faster there, slower with any hint at or below it).
-EVICT_FIRST_ABOVE_ROWS = 128
+# Above this many query rows per KV head (two or more m-block CTAs read each KV block) the
+# seesaw kernel loads KV evict-first in L2 (decode_seesaw.cuh's load_kv: faster there,
+# slower with any hint at or below it).
+EVICT_FIRST_ABOVE_ROWS = 64
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,9 +31,10 @@ def test_selection_maps_flags_to_specs():
     one_token = selected("--s-q", "1", "--heads", "128")
     # (each row count: its cp.async tile, and the seesaw kernel for 64-token pages)
     assert [(s.tile_rows, s.seesaw) for s in one_token if s.kind == "decode"] == [(64, False), (64, True)]
-    # above 128 rows the seesaw loads KV evict-first: its own variant
+    # above 64 rows the seesaw loads KV evict-first: its own variant
     two_tokens = selected("--s-q", "2", "--heads", "128", "--causal", "yes")
     assert [s.kv_evict_first for s in two_tokens if s.seesaw] == [True]
+    assert [s.kv_evict_first for s in selected("--s-q", "1", "--heads", "64") if s.seesaw] == [False]
     assert not any(s.causal for s in one_token)
     assert [s.tile_rows for s in selected("--s-q", "2", "--heads", "16", "--causal", "yes")
             if s.kind == "decode"] == [32, 64]

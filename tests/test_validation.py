@@ -318,10 +318,12 @@ def test_plan_picks_the_seesaw_kernel_for_whole_64_token_pages(h_q, page_size, e
         settings.get.cache_clear()
 
 
-@pytest.mark.parametrize("h_q, s_q, evict_first", [(128, 2, True), (128, 1, False), (64, 2, False), (96, 2, True)])
-def test_seesaw_loads_kv_evict_first_above_128_rows(h_q, s_q, evict_first):
-    """Above 128 query rows per KV head the seesaw variant with evict-first KV loads runs
-    (faster there, slower at or below: docs/PERF.md v21); the spec's name says which."""
+@pytest.mark.parametrize("h_q, s_q, evict_first",
+                         [(128, 2, True), (128, 1, True), (64, 2, True), (96, 1, True), (64, 1, False), (32, 2, False)])
+def test_seesaw_loads_kv_evict_first_above_64_rows(h_q, s_q, evict_first):
+    """Above 64 query rows per KV head (two or more m-block CTAs read each KV block) the
+    seesaw variant with evict-first KV loads runs (faster there, slower at or below:
+    docs/PERF.md v21, v25); the spec's name says which."""
     s = spec.decode_spec("bf16", 576, 512, True, s_q, s_q * h_q, "same", True)
     assert s.kv_evict_first == evict_first
     assert ("evict_first" in s.name) == evict_first
