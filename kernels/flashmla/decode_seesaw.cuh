@@ -239,11 +239,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       return blk < hi && tok < kv_len ? p.block_table[req * p.bt_batch_stride + slot] : -1;
     };
     // Block `blk` (in page `page`) -> buffer `buf`, one part. Above 64 query rows per KV
-    // head (two or more m-block CTAs read each block) the loads are evict-first in L2: 0.4-2.3 %
-    // off s_q 2 steps under sustained load (docs/PERF.md v21), 4-7 % off 128-row steps at
-    // b = 1-4 back to back, where the partials then stay in L2 for the merge, and neutral at
-    // b = 16-128 (v25). At 64 rows or fewer a hint cost 2-5 %, an explicit evict-normal one
-    // included (v20, v21, v25), so that variant loads without one.
+    // head (two or more m-block CTAs read each block) the loads are evict-first in L2:
+    // 0.4-2.3 % off s_q 2 steps under sustained load (docs/PERF.md v21), 4-7 % off
+    // 128-row steps at b = 1-4 back to back, where the partials then stay in L2 for the
+    // merge, and neutral at b = 16-128 (v25). At 64 rows or fewer a hint cost 2-5 %, an
+    // explicit evict-normal one included (v20, v21, v25): that variant loads without one.
     auto tma = [&](u32 dst, const void* tensor_map, u32 b, int col, int row, int page) {
       if constexpr (kKvEvictFirst) tma_load_4d(dst, tensor_map, b, col, head_kv, row, page, l2_evict_first_policy());
       else tma_load_4d(dst, tensor_map, b, col, head_kv, row, page);
