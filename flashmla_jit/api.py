@@ -8,11 +8,13 @@ need the seqlens and page ids on the host.
 
 from __future__ import annotations
 
+import ctypes
 import math
+import struct
 
 from . import settings
 from .spec import (BLOCK_N, COMBINE_THREADS, MAX_PARTS, MERGE_LOADS, METADATA_SPEC, SUPPORTED_HEAD_DIMS, combine_spec,
-                   decode_spec, merge_chunks_for, seesaw_fits, tile_rows_for)
+                   decode_spec, merge_chunks_for, q_tma_fits, seesaw_fits, tile_rows_for)
 from .params import CombineParams, DecodeParams, SeesawParams
 from .tensors import Tensor, current_stream, describe, empty
 
@@ -427,7 +429,13 @@ class _DecodePlan:
                             (head_dim - head_dim_v, h_kv, page_size, num_pages, rope_t.strides[2], rope_t.strides[1],
                              rope_t.strides[0]))
         self.seesaw_templates = {}  # (k, k_pe) addresses -> parameters with their tensor maps
-        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format, self.seesaw)
+        # The seesaw kernel loads Q tiles by TMA too where a tile is one box per 64 columns:
+        # two more maps, over q (and q_pe), whose addresses each call sets (_set_q_maps).
+        self.q_geometry = (q_tile_geometry(qt, qpt, ragged, heads_per_kv, head_dim, head_dim_v)
+                           if self.seesaw and settings.get().q_tma and q_tma_fits(heads_per_kv) else None)
+        self.set_q_maps = None
+        self.decode_spec = decode_spec(qt.dtype, head_dim, head_dim_v, causal, s_q, rows, kv_format, self.seesaw,
+                                       self.q_geometry is not None)
         self.decode_params = DecodeParams(
             *([0] * 14),  # pointers: filled per call
             *bsh(qt.strides), *kt.strides[:3], *bsh((qpt or qt).strides),
@@ -496,8 +504,12 @@ class _DecodePlan:
             q_pe = q_ptr + 2 * self.head_dim_v
         if not self.k_pe_split:
             k_pe = k_ptr + 2 * self.head_dim_v
+        if self.q_geometry and self.set_q_maps is None:
+            self._encode_q_maps(q_ptr, q_pe)
         template = self._seesaw_template(k_ptr, k_pe) if self.seesaw else self.decode_template
         params = type(self.decode_params).from_buffer_copy(template)
+        if self.set_q_maps:
+            self.set_q_maps(params, q_ptr, q_pe)
         self.pack_decode(params, q_ptr, k_ptr, q_pe, k_pe, bt, sl, cu, sched, ns, out_ptr, lse_ptr, o_accum, lse_accum,
                          piece_done)
         if k_scale:
@@ -535,6 +547,34 @@ class _DecodePlan:
             template = self.seesaw_templates[(k, k_pe)] = maps + self.decode_template[len(maps):]
         return template
 
+    def _q_maps(self, q: int, q_pe: int) -> bytes:
+        """The 256 bytes of the two Q maps (latent, rope) for these addresses."""
+        latent, rope = self.q_geometry
+        return self.driver.tile_map(q, *latent) + (self.driver.tile_map(q_pe, *rope) if rope else bytes(128))
+
+    def _encode_q_maps(self, q: int, q_pe: int):
+        """Put the Q maps into the template (first call), and choose how each call gives
+        them its addresses: where the driver keeps a map's address as a plain u64
+        (driver.tensor_map_address_offset) a patch of those bytes (~0.2 us), else the maps
+        encoded anew."""
+        at, template = SeesawParams.q_latent.offset, self.decode_template
+        self.decode_template = template[:at] + self._q_maps(q, q_pe) + template[at + 256:]
+        self.seesaw_templates.clear()
+        offset = self.driver.tensor_map_address_offset()
+        if offset is None:
+            def set_q_maps(params, q, q_pe):
+                ctypes.memmove(ctypes.addressof(params) + at, self._q_maps(q, q_pe), 256)
+        else:
+            # Each address alone: one pack across both maps would write its pad bytes over them.
+            pack, latent, rope = struct.Struct("<Q").pack_into, at + offset, at + 128 + offset
+            has_rope = self.q_geometry[1] is not None
+
+            def set_q_maps(params, q, q_pe):
+                pack(params, latent, q)
+                if has_rope:
+                    pack(params, rope, q_pe)
+        self.set_q_maps = set_q_maps
+
 
 class _TorchScratch:
     """The fp32 split-KV scratch of one call, straight from torch's caching allocator
@@ -565,6 +605,30 @@ class _TorchScratch:
 
     def __del__(self):
         self._raw[1](self.ptr)
+
+
+def q_tile_geometry(qt: Tensor, qpt: Tensor | None, ragged: bool, heads_per_kv: int, head_dim: int,
+                    head_dim_v: int):
+    """(dims, strides, box) of the Q maps, innermost first, strides in elements: the latent
+    columns of q and the rope columns of q_pe or of q (None without a rope part), q seen as
+    (columns, heads, tokens, requests), a box of 64 columns by a tile's 64 rows (64 heads
+    of a token, or the KV head's heads for 64 / heads_per_kv tokens). None where a stride
+    is not positive (TMA strides are unsigned): the kernel then copies Q by cp.async."""
+    box = (64, min(heads_per_kv, 64), max(64 // heads_per_kv, 1), 1)
+
+    def view(t: Tensor, cols: int):
+        if ragged:  # (total_q, h_q, d): every request's tokens in one dimension
+            dims, strides = (cols, t.shape[1], t.shape[0], 1), (t.strides[1], t.strides[0], 0)
+        else:       # (batch, s_q, h_q, d)
+            dims, strides = (cols, t.shape[2], t.shape[1], t.shape[0]), (t.strides[2], t.strides[1], t.strides[0])
+        # The stride of an extent-1 dimension is never used (torch and cupy give any)
+        return dims, tuple(s if n > 1 else 8 for n, s in zip(dims[1:], strides)), box
+
+    latent = view(qt, head_dim_v)
+    rope = view(qpt or qt, head_dim - head_dim_v) if head_dim > head_dim_v else None
+    if any(s <= 0 for v in (latent, rope) if v for s in v[1]):
+        return None
+    return latent, rope
 
 
 def _contiguous_strides(shape):

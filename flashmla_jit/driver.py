@@ -116,24 +116,47 @@ def function(spec, device: int):
     return entry[1]
 
 
-def kv_tensor_map(address: int, cols: int, heads: int, page_size: int, num_pages: int,
-                  head_stride: int, row_stride: int, page_stride: int) -> bytes:
-    """The 128 bytes of a CUtensorMap over a paged 16-bit cache seen as (cols, heads, rows
-    in a page, pages), strides in elements: 64 x 64 boxes (64 columns of 64 rows of one
-    head and page), 128-byte swizzled like the kernels' shared tiles; boxes outside the
-    tensor (page ids outside [0, num_pages)) are filled with zeros."""
+def tile_map(address: int, dims, strides, box) -> bytes:
+    """The 128 bytes of a CUtensorMap over a 4-D 16-bit tensor, dims and box innermost
+    first, strides (of dims 1-3) in elements: 128-byte swizzled like the kernels' shared
+    tiles (box[0] = 64 columns), boxes reaching outside the tensor filled with zeros."""
     _init()
     u64, u32 = cu.cuuint64_t, cu.cuuint32_t
     tensor_map = check(cu.cuTensorMapEncodeTiled(
         cu.CUtensorMapDataType.CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, address,
-        [u64(cols), u64(heads), u64(page_size), u64(num_pages)],
-        [u64(2 * head_stride), u64(2 * row_stride), u64(2 * page_stride)],
-        [u32(64), u32(1), u32(64), u32(1)], [u32(1)] * 4,
+        [u64(n) for n in dims], [u64(2 * n) for n in strides], [u32(n) for n in box], [u32(1)] * 4,
         cu.CUtensorMapInterleave.CU_TENSOR_MAP_INTERLEAVE_NONE,
         cu.CUtensorMapSwizzle.CU_TENSOR_MAP_SWIZZLE_128B,
         cu.CUtensorMapL2promotion.CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
         cu.CUtensorMapFloatOOBfill.CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE))
     return ctypes.string_at(int(tensor_map.getPtr()), 128)
+
+
+def kv_tensor_map(address: int, cols: int, heads: int, page_size: int, num_pages: int,
+                  head_stride: int, row_stride: int, page_stride: int) -> bytes:
+    """A paged cache seen as (cols, heads, rows in a page, pages), in 64 x 64 boxes (64
+    columns of 64 rows of one head and page); page ids outside [0, num_pages) load zeros."""
+    return tile_map(address, (cols, heads, page_size, num_pages), (head_stride, row_stride, page_stride),
+                    (64, 1, 64, 1))
+
+
+@functools.cache
+def tensor_map_address_offset():
+    """Where an encoded CUtensorMap keeps its global address, if as a plain little-endian
+    u64: two encodings that differ only in the address differ only in those 8 bytes, and
+    hold it there. None otherwise. A map encoded once then takes a call's address (q's)
+    by a patch of those bytes, as cuTensorMapReplaceAddress would, without a driver call;
+    with None the caller encodes each call's map anew."""
+    dims, strides, box = (64, 64, 2, 2), (64, 64 * 64, 2 * 64 * 64), (64, 64, 1, 1)
+    addresses = (0x10000, 0x7F12_3456_7890)
+    maps = [tile_map(a, dims, strides, box) for a in addresses]
+    diff = [i for i in range(128) if maps[0][i] != maps[1][i]]
+    if not diff or diff[-1] - diff[0] >= 8:
+        return None
+    offset = diff[0] // 8 * 8
+    if any(int.from_bytes(m[offset:offset + 8], "little") != a for m, a in zip(maps, addresses)):
+        return None
+    return offset
 
 
 _streams: dict = {}

@@ -34,9 +34,10 @@ class DecodeParams(ctypes.Structure):
 
 
 class SeesawParams(ctypes.Structure):
-    """Two CUtensorMaps (128 bytes each, 64-byte aligned on the device) then DecodeParams;
+    """Four CUtensorMaps (128 bytes each, 64-byte aligned on the device) then DecodeParams;
     the tail pads to the device struct's size, a multiple of its 64-byte alignment."""
-    _fields_ = [("k_latent", ctypes.c_uint64 * 16), ("k_rope", ctypes.c_uint64 * 16), ("p", DecodeParams),
+    _fields_ = [("k_latent", ctypes.c_uint64 * 16), ("k_rope", ctypes.c_uint64 * 16),
+                ("q_latent", ctypes.c_uint64 * 16), ("q_rope", ctypes.c_uint64 * 16), ("p", DecodeParams),
                 ("_pad", ctypes.c_uint64 * (-ctypes.sizeof(DecodeParams) // 8 % 8))]
 
 

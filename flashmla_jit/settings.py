@@ -30,6 +30,8 @@ class Settings:
     defines: tuple            # FLASHMLA_JIT_DEFINES="A=1 B": -D options for kernel experiments
     seesaw: bool              # FLASHMLA_JIT_SEESAW=0: never the seesaw (TMA) kernel; 64-token
                               # pages run the cp.async kernels too (for comparisons)
+    q_tma: bool               # FLASHMLA_JIT_Q_TMA=0: the seesaw kernel loads Q by cp.async
+                              # (for comparisons)
     codegen_env: tuple        # ((name, value), ...) of CODEGEN_VARS, for the cache key
 
 
@@ -63,5 +65,6 @@ def get() -> Settings:
         ptxas_verbose=_flag("FLASHMLA_JIT_PTXAS_VERBOSE"),
         defines=tuple(os.environ.get("FLASHMLA_JIT_DEFINES", "").split()),
         seesaw=_flag("FLASHMLA_JIT_SEESAW", default=True),
+        q_tma=_flag("FLASHMLA_JIT_Q_TMA", default=True),
         codegen_env=tuple((name, os.environ.get(name, "")) for name in CODEGEN_VARS),
     )

@@ -58,6 +58,7 @@ class KernelSpec:
     seesaw: bool = False      # decode only: the 64-row seesaw kernel with TMA loads
                               # (decode_seesaw.cuh; pages of whole 64-token blocks)
     kv_evict_first: bool = False  # seesaw only: KV loads evict-first in L2 (EVICT_FIRST_ABOVE_ROWS)
+    q_tma: bool = False       # seesaw only: Q tiles by TMA (q_tma_fits), else by cp.async
     merge_chunks: int = 0     # combine only: 0 = a warp per row (few pieces a request), else
                               # a CTA per this many 128-column chunks of a row (many pieces)
     merge_warps: int = 8      # combine with merge_chunks = 1 only: 8 or 16 warps a CTA
@@ -82,8 +83,8 @@ class KernelSpec:
         if self.seesaw and not (self.kind == "decode" and self.tile_rows == 64 and self.kv_format == "same"
                                 and self.head_dim_v == 512):
             raise ValueError("seesaw is a decode kernel for 64-row tiles, head_dim_v 512 and a 16-bit cache")
-        if self.kv_evict_first and not self.seesaw:
-            raise ValueError("kv_evict_first is a choice of the seesaw decode kernel")
+        if (self.kv_evict_first or self.q_tma) and not self.seesaw:
+            raise ValueError("kv_evict_first and q_tma are choices of the seesaw decode kernel")
         if self.merge_chunks and not (self.kind == "combine"
                                       and self.merge_chunks in merge_chunks_for(self.head_dim_v)):
             raise ValueError(f"merge_chunks is a combine choice, one of {MERGE_CHUNKS} dividing "
@@ -109,7 +110,9 @@ class KernelSpec:
             causal = "true" if self.causal else "false"
             if self.seesaw:
                 evict = "true" if self.kv_evict_first else "false"
-                return f"&flashmla::decode_seesaw_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}, {evict}>"
+                q_tma = "true" if self.q_tma else "false"
+                return (f"&flashmla::decode_seesaw_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {causal}, "
+                        f"{evict}, {q_tma}>")
             kv = "" if self.kv_format == "same" else f", {KV_FORMATS[self.kv_format]}"
             return (f"&flashmla::decode_kernel<{t}, {self.head_dim}, {self.head_dim_v}, {self.tile_rows}, "
                     f"{causal}{kv}>")
@@ -135,6 +138,8 @@ class KernelSpec:
                 parts.append("seesaw")
             if self.kv_evict_first:
                 parts.append("evict_first")
+            if self.q_tma:
+                parts.append("q_tma")
             if self.causal:
                 parts.append("causal")
             if self.kv_format != "same":
@@ -164,7 +169,7 @@ class KernelSpec:
             rope = self.head_dim > self.head_dim_v
             tiles = 3 * BLOCK_N * self.head_dim * 2 + (1 if rope else 2) * BLOCK_N * 128
             parts = 3 if rope else 2  # one mbarrier per buffer part: sub-tiles 0-3, 4-7, rope
-            return tiles + 1280 + 2 * parts * 8
+            return tiles + 1280 + (2 * parts + 1) * 8  # and Q's
         col_groups = DECODE_THREADS // 32 // (self.tile_rows // 16)
         kv = (2 if self.kv_format == "same" else 1) * BLOCK_N * self.head_dim * 2
         stage = 0 if self.kv_format == "same" else 2 * BLOCK_N * fp8_stage_pitch(self.kv_format, self.head_dim)
@@ -205,14 +210,21 @@ def seesaw_fits(head_dim_v: int, kv_format: str, page_size: int) -> bool:
     return head_dim_v == 512 and kv_format == "same" and page_size % BLOCK_N == 0
 
 
+def q_tma_fits(heads_per_kv: int) -> bool:
+    """A 64-row query tile is one TMA box per 64 columns when its rows are 64 heads of one
+    token (heads_per_kv a multiple of 64) or every head of the KV head for 64 /
+    heads_per_kv tokens (heads_per_kv dividing 64)."""
+    return heads_per_kv % 64 == 0 or 64 % heads_per_kv == 0
+
+
 @functools.cache  # called on every decode: build (and validate) each spec once
 def decode_spec(dtype: str, head_dim: int, head_dim_v: int, causal: bool, s_q: int, rows: int,
-                kv_format: str = "same", seesaw: bool = False) -> KernelSpec:
+                kv_format: str = "same", seesaw: bool = False, q_tma: bool = False) -> KernelSpec:
     # With one query token the end-aligned causal mask equals the seqlen mask.
     tile_rows = 64 if seesaw else tile_rows_for(rows, head_dim_v, kv_format)
     return KernelSpec("decode", dtype, head_dim, head_dim_v, causal=bool(causal) and s_q > 1,
                       tile_rows=tile_rows, kv_format=kv_format, seesaw=seesaw,
-                      kv_evict_first=seesaw and rows > EVICT_FIRST_ABOVE_ROWS)
+                      kv_evict_first=seesaw and rows > EVICT_FIRST_ABOVE_ROWS, q_tma=seesaw and q_tma)
 
 
 @functools.cache
@@ -251,8 +263,8 @@ def specs_for(dtypes=("bf16",), causal=(False, True), head_dims=SUPPORTED_HEAD_D
             for c, m in itertools.product(causal, tile_rows_allowed(dv, kv)):
                 out.append(KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, kv_format=kv))
                 if m == 64 and seesaw_fits(dv, kv, BLOCK_N):
-                    out += [KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True, kv_evict_first=e)
-                            for e in (False, True)]
+                    out += [KernelSpec("decode", dtype, d, dv, causal=c, tile_rows=m, seesaw=True, kv_evict_first=e,
+                                       q_tma=q) for e, q in itertools.product((False, True), repeat=2)]
         out.extend(combine_specs(dtype, d, dv))
     return list(dict.fromkeys(out))
 

@@ -143,6 +143,60 @@ def test_seesaw_and_cp_async_kernels_agree(s_q, h_q, page_size, monkeypatch):
     assert (outs[0] - outs[1]).abs().max().item() < 2e-2
 
 
+@pytest.mark.parametrize("s_q,h_q,h_kv,wide", [(1, 16, 1, False), (2, 16, 1, True), (1, 128, 1, True),
+                                              (2, 64, 1, False), (1, 128, 2, False), (3, 8, 1, True)])
+def test_q_by_tma_and_cp_async_agree(s_q, h_q, h_kv, wide, monkeypatch):
+    """The seesaw kernel loads Q tiles by TMA where a tile is one box per 64 columns
+    (FLASHMLA_JIT_Q_TMA=0: by cp.async); both match the reference on contiguous q and on
+    q rows inside wider rows (NaN between), where a box reaches past s_q (zeros) and on
+    two KV heads."""
+    from flashmla_jit import api, settings
+    seqlens = [1, 64, 65, 700, 4097, 130]
+    q, k_cache, block_table, seqlens_t = make_inputs(len(seqlens), s_q, h_q, h_kv, seqlens)
+    if wide:  # q's rows inside 640-element rows whose tails hold NaN
+        buf = torch.full((*q.shape[:-1], 640), float("nan"), dtype=q.dtype, device="cuda")
+        buf[..., :576] = q
+        q = buf[..., :576]
+    sched, num_splits = get_mla_metadata(seqlens_t, s_q * h_q // h_kv, h_kv)
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=True)
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FLASHMLA_JIT_Q_TMA", flag)
+        settings.get.cache_clear()
+        api._plans.clear()
+        poison_allocator(((*q.shape[:-1], 512), q.dtype))
+        out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens_t, 512, sched, num_splits, causal=True)
+        plan = next(iter(api._plans.values()))
+        assert plan.seesaw and plan.decode_spec.q_tma == (flag == "1")
+        assert_close(out, lse, ref_out, ref_lse, f"q_tma={flag} s_q={s_q} h_q={h_q} h_kv={h_kv} wide={wide}")
+    settings.get.cache_clear()
+    api._plans.clear()
+
+
+def test_q_maps_take_each_calls_addresses():
+    """A plan encodes its Q maps once; each call's q and q_pe addresses are patched in.
+    The patched maps equal maps encoded for those addresses, byte for byte."""
+    from flashmla_jit import api
+    from flashmla_jit.params import SeesawParams
+    api._plans.clear()
+    for split in (False, True):
+        q, k_cache, block_table, seqlens = make_inputs(2, 1, 64, 1, [300, 900])
+        sched, ns = get_mla_metadata(seqlens, 64, 1)
+        q_pe = q[..., 512:].clone() if split else None
+        q_in = q[..., :512].clone() if split else q
+        flash_mla_with_kvcache(q_in, k_cache, block_table, seqlens, 512, sched, ns, q_pe=q_pe)
+        plan = [p for p in api._plans.values() if p.q_pe_split == split][0]
+        assert plan.decode_spec.q_tma and plan.set_q_maps is not None
+        other_q = torch.empty_like(q_in)
+        other_pe = torch.empty_like(q_pe) if split else None
+        q_addr = other_q.data_ptr()
+        pe_addr = other_pe.data_ptr() if split else q_addr + 2 * 512
+        params = SeesawParams.from_buffer_copy(plan.decode_template)
+        plan.set_q_maps(params, q_addr, pe_addr)
+        at = SeesawParams.q_latent.offset
+        assert bytes(params)[at:at + 256] == plan._q_maps(q_addr, pe_addr)
+        assert bytes(params)[at:at + 256] != plan.decode_template[at:at + 256]
+
+
 @pytest.mark.parametrize("s_q,h_q", [(2, 128), (1, 64)])
 def test_running_max_climbs_and_jumps(s_q, h_q):
     """Scores that climb along each sequence (a block's row max passes the running max by

@@ -43,7 +43,8 @@ def sass(cubin: bytes, tmp_path) -> str:
 
 EXPECTED = {
     # kind: instructions that must appear (tensor-core MMA, ldmatrix, async copies, ex2)
-    "decode": ["LDGSTS", "MUFU.EX2", "BAR.SYNC"],
+    "decode": ["MUFU.EX2", "BAR.SYNC"],
+    "decode.cp_async": ["LDGSTS"],  # Q (and KV, outside the seesaw) by per-thread async copies
     "decode.m64": ["HGMMA.64x64x16.F32", "HGMMA.64x256x16.F32", "WARPGROUP.ARRIVE"],        # wgmma
     "decode.mma_sync": ["HMMA.16816.F32", "LDSM.16.M88.4", "LDSM.16.MT88.4"],              # 16/32 rows
     # the seesaw: KV by TMA onto mbarriers (no per-thread KV copies), named-barrier arrives
@@ -67,11 +68,14 @@ def test_variant_compiles_without_spills_and_uses_the_meant_instructions(s, tmp_
     if s.kind == "decode":
         expected += EXPECTED["decode.m64" if s.tile_rows == 64 else "decode.mma_sync"]
         expected += EXPECTED["decode.seesaw"] if s.seesaw else []
+        expected += [] if s.q_tma else EXPECTED["decode.cp_async"]
     if s.kind == "decode" and s.kv_format != "same":
         expected += EXPECTED["decode.fp8"] + EXPECTED.get(f"decode.{s.kv_format}.{s.dtype}", [])
         expected += EXPECTED.get(f"decode.{s.kv_format}", [])
     for instruction in expected:
         assert instruction in code, f"{s.name}: {instruction} missing from SASS"
+    if s.q_tma:  # Q by TMA: no per-thread copy left in the kernel
+        assert "LDGSTS" not in code, f"{s.name}: Q by TMA, yet LDGSTS in SASS"
     if s.kind == "decode" and s.tile_rows == 64:
         assert "HMMA" not in code, f"{s.name}: 64-row tiles must run on wgmma only"
         # as for HMMA, only bf16 inputs print a type suffix
@@ -140,16 +144,17 @@ def test_import_is_lazy():
 
 
 def test_seesaw_params_mirror_matches_the_device_struct():
-    """SeesawParams: two 64-byte aligned tensor maps, then DecodeParams; the ctypes
-    mirror has the device struct's size (the launch copies that many bytes from it)."""
+    """SeesawParams: four 64-byte aligned tensor maps, then DecodeParams; the ctypes mirror
+    has the device struct's size (the launch copies that many bytes from it). The field
+    order is tests/test_params.py's."""
     from flashmla_jit.params import SeesawParams
     import ctypes
     source = ('#include "flashmla/params.cuh"\n'
               f"static_assert(sizeof(flashmla::SeesawParams) == {ctypes.sizeof(SeesawParams)}, \"size\");\n"
-              "__global__ void probe(flashmla::SeesawParams* s, long long* offsets) {\n"
-              "  offsets[0] = (char*)&s->k_rope - (char*)s;\n  offsets[1] = (char*)&s->p - (char*)s;\n}\n")
-    # the offsets are fixed by alignment (tensor maps first); the size is what a drift breaks
-    assert (SeesawParams.k_rope.offset, SeesawParams.p.offset) == (128, 256)
+              "__global__ void probe(flashmla::SeesawParams* s) {}\n")
+    # the offsets are fixed by alignment (128-byte tensor maps first); the size is what a drift breaks
+    names = ("k_latent", "k_rope", "q_latent", "q_rope", "p")
+    assert [getattr(SeesawParams, n).offset for n in names] == [0, 128, 256, 384, 512]
     compiler.compile_source(source, "&probe", compiler.compile_options(None), "params_probe")
 
 

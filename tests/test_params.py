@@ -34,6 +34,14 @@ def test_struct_mirrors_header(struct):
     assert ctypes.sizeof(getattr(params, struct)) == 8 * len(fields)  # no padding anywhere
 
 
+def test_seesaw_struct_mirrors_header():
+    """The tensor maps, then DecodeParams, in the header's order (tests/test_kernels.py
+    checks the size against the device struct)."""
+    fields = header_fields("SeesawParams")
+    assert [n for n, _ in params.SeesawParams._fields_ if n != "_pad"] == [n for n, _ in fields]
+    assert [k for _, k in fields] == ["TensorMap"] * 4 + ["DecodeParams"]
+
+
 def test_sched_record_size():
     assert f"kSchedRecordInts = {params.SCHED_RECORD_INTS};" in HEADER.read_text()
 

@@ -258,6 +258,11 @@ def test_plan_fills_every_size_and_stride():
         assert (p.o_batch_stride, p.o_seq_stride, p.o_head_stride) == (3 * 16 * 512, 16 * 512, 512)
         assert (p.lse_batch_stride, p.lse_head_stride, p.lse_seq_stride) == (48, 3, 1)
         assert (p.batch, p.s_q, p.h_q, p.h_kv, p.heads_per_kv) == (2, 3, 16, 1, 16)
+    # 16 heads per KV head: Q tiles by TMA, a box of 64 columns x 16 heads x 4 tokens (the
+    # 4th past s_q = 3 loads zeros), q seen as (columns, heads, tokens, requests)
+    assert plan.decode_spec.q_tma
+    strides = (576, 16 * 576, 3 * 16 * 576)
+    assert plan.q_geometry == (((512, 16, 3, 2), strides, (64, 16, 4, 1)), ((64, 16, 3, 2), strides, (64, 16, 4, 1)))
     # 132 parts for 2 requests: 67 pieces each, merged by a CTA per half row (2 chunks)
     assert cp.rows == 48 and plan.combine_spec.merge_chunks == 2
     assert plan.decode_grid == (1, 1, 132) and plan.combine_grid == (2 * 48 * 2, 1, 1)
@@ -318,6 +323,51 @@ def test_plan_picks_the_seesaw_kernel_for_whole_64_token_pages(h_q, page_size, e
         settings.get.cache_clear()
 
 
+@pytest.mark.parametrize("h_q, h_kv, env, q_tma", [(128, 1, None, True), (64, 1, None, True), (256, 2, None, True),
+                                                   (16, 1, None, True), (1, 1, None, True), (48, 1, None, False),
+                                                   (96, 1, None, False), (128, 1, "0", False)])
+def test_seesaw_loads_q_by_tma_where_a_tile_is_one_box(h_q, h_kv, env, q_tma, monkeypatch):
+    """A 64-row Q tile is one TMA box per 64 columns when a KV head's heads are a multiple
+    of 64 or divide 64; other head counts (and FLASHMLA_JIT_Q_TMA=0) copy Q by cp.async."""
+    if env is not None:
+        monkeypatch.setenv("FLASHMLA_JIT_Q_TMA", env)
+    settings.get.cache_clear()
+    try:
+        q = describe(torch.zeros(2, 1, h_q, 576, dtype=torch.bfloat16), "q")
+        k = describe(torch.zeros(8, 64, h_kv, 576, dtype=torch.bfloat16), "k_cache")
+        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
+        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
+        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, h_q, h_kv, 576, 512, None, False,
+                               (2, 1, h_q, 512), (2, h_q, 1), ("same", None, 1.0))
+        assert plan.seesaw and plan.decode_spec.q_tma == q_tma and (plan.q_geometry is not None) == q_tma
+        assert ("q_tma" in plan.decode_spec.name) == q_tma
+        assert plan.decode_spec.name_expression.endswith(f"{'true' if q_tma else 'false'}>")
+    finally:
+        settings.get.cache_clear()
+    with pytest.raises(ValueError, match="q_tma"):
+        spec.KernelSpec("decode", tile_rows=64, q_tma=True)
+
+
+def test_q_tile_geometry_of_ragged_split_and_strided_queries():
+    """The Q maps see a packed ragged q as one request of every token, a split q_pe through
+    its own strides, and give extent-1 dimensions a stride TMA accepts (any is unused)."""
+    ragged = describe(torch.zeros(7, 32, 512, dtype=torch.bfloat16), "q")
+    q_pe = describe(torch.zeros(7, 32, 128, dtype=torch.bfloat16)[..., :64], "q_pe")
+    latent, rope = api.q_tile_geometry(ragged, q_pe, True, 32, 576, 512)
+    assert latent == ((512, 32, 7, 1), (512, 32 * 512, 8), (64, 32, 2, 1))
+    assert rope == ((64, 32, 7, 1), (128, 32 * 128, 8), (64, 32, 2, 1))
+    # one request, one token, 128 heads of a wider row: the extent-1 strides become 8
+    wide = describe(torch.zeros(1, 1, 128, 640, dtype=torch.bfloat16)[..., :576], "q")
+    latent, rope = api.q_tile_geometry(wide, None, False, 128, 576, 512)
+    assert latent == ((512, 128, 1, 1), (640, 8, 8), (64, 64, 1, 1))
+    assert rope == ((64, 128, 1, 1), (640, 8, 8), (64, 64, 1, 1))
+    assert api.q_tile_geometry(wide, None, False, 128, 512, 512)[1] is None  # no rope part
+    # a reversed token order (cupy allows negative strides; TMA strides are unsigned): cp.async
+    from flashmla_jit.tensors import Tensor
+    reversed_tokens = Tensor(None, "cupy", 1 << 20, (2, 4, 16, 576), (4 * 16 * 576, -16 * 576, 576, 1), "bf16", 0)
+    assert api.q_tile_geometry(reversed_tokens, None, False, 16, 576, 512) is None
+
+
 @pytest.mark.parametrize("h_q, s_q, evict_first",
                          [(128, 2, True), (128, 1, True), (64, 2, True), (96, 1, True), (64, 1, False), (32, 2, False)])
 def test_seesaw_loads_kv_evict_first_above_64_rows(h_q, s_q, evict_first):
@@ -327,6 +377,6 @@ def test_seesaw_loads_kv_evict_first_above_64_rows(h_q, s_q, evict_first):
     s = spec.decode_spec("bf16", 576, 512, True, s_q, s_q * h_q, "same", True)
     assert s.kv_evict_first == evict_first
     assert ("evict_first" in s.name) == evict_first
-    assert s.name_expression.endswith(f"{'true' if evict_first else 'false'}>")
+    assert s.name_expression.endswith(f"{'true' if evict_first else 'false'}, false>")
     with pytest.raises(ValueError, match="kv_evict_first"):
         spec.KernelSpec("decode", tile_rows=64, kv_evict_first=True)

@@ -149,8 +149,9 @@ struct SeesawSmem {
   static constexpr int kRowSum = kStats + 512;     // float[2][64]: l of each warpgroup (epilogue)
   static constexpr int kRowLimit = kStats + 1024;  // int[64]: keys [0, limit) visible
   static constexpr int kParts = kRope ? 3 : 2;   // sub-tile groups with one mbarrier each (below)
-  static constexpr int kBars = kStats + 1280;     // u64[2][kParts]
-  static constexpr int kBytes = kBars + 2 * kParts * 8;
+  static constexpr int kBars = kStats + 1280;     // u64[2][kParts], then Q's (with Q by TMA)
+  static constexpr int kQBar = kBars + 2 * kParts * 8;
+  static constexpr int kBytes = kQBar + 8;
   // Epilogue: final 16-bit O rows staged over the KV buffers, free by then, rows padded so
   // the 8 rows of a stmatrix matrix sit 4 banks apart.
   static constexpr int kStage = kKv0;
@@ -160,7 +161,9 @@ struct SeesawSmem {
 
 // kKvEvictFirst: KV loads with an L2 evict-first hint, for more than 64 query rows per KV
 // head (spec.KernelSpec.kv_evict_first; load_kv says why).
-template <typename T, int kD, int kDV, bool kCausal, bool kKvEvictFirst>
+// kQTma: Q tiles by TMA through sp.q_latent / sp.q_rope (where a 64-row tile is one box
+// per 64 columns: spec.KernelSpec.q_tma), else by cp.async from every thread.
+template <typename T, int kD, int kDV, bool kCausal, bool kKvEvictFirst, bool kQTma>
 __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const __grid_constant__ SeesawParams sp) {
   using L = SeesawSmem<kD, kDV>;
   static_assert(kDV == 512, "each warpgroup's O half is one m64n256 accumulator");
@@ -208,12 +211,16 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   if (tid == 0) {
     prefetch_tensor_map(&sp.k_latent);
     if (kRope) prefetch_tensor_map(&sp.k_rope);
+    if (kQTma) prefetch_tensor_map(&sp.q_latent);
+    if (kQTma && kRope) prefetch_tensor_map(&sp.q_rope);
     for (int i = 0; i < 2 * L::kParts; ++i) mbarrier_init(bar(i / L::kParts, i % L::kParts), 1);
+    if (kQTma) mbarrier_init(sbase + L::kQBar, 1);
     fence_mbarrier_init();
   }
   // Phase parity of the buffer this warpgroup's S reads (WG0: kv0, WG1: kv1); it flips
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
+  u32 q_phase = 0;  // likewise for Q's mbarrier (Q by TMA): once per request
   bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
 
   for (int pos = rec[0], last = min(rec[2], (int)p.batch - 1); pos <= last; ++pos) {
@@ -266,20 +273,37 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // Refills are spread over warps 0-2 of a warpgroup: the next wgmma waits for the
     // slowest warp, so one warp issuing them all delays every batch after a refill.
     auto issuer = [&](int w) { return wtid == 32 * w; };
-    auto load_block = [&](int blk, int buf) {
-      const int page = page_of(blk);
+    auto load_block = [&](int blk, int page, int buf) {
       load_kv(blk, page, buf, kLeft);
       load_kv(blk, page, buf, kRight);
       if (kRope) load_kv(blk, page, buf, kRopePart);
     };
-    if (tid == 0) {
-      load_block(lo, 0);
-      if (lo + 1 < hi) load_block(lo + 1, 1);
+    if constexpr (kQTma) {
+      // Q by TMA, issued ahead of the KV so that it is not queued behind every CTA's 147 KB
+      // of KV: a box per 64 columns holds the tile's 64 rows (64 heads of a token, or the
+      // KV head's heads for 64 / hpk tokens; past the tensor's tokens it loads zeros, and
+      // in a packed ragged q it holds the next request's tokens, rows no result reads).
+      if (tid == 0) {
+        const int page0 = page_of(lo), page1 = page_of(lo + 1);  // read while Q goes out
+        const u32 q_bar = sbase + L::kQBar;
+        const int r0 = m_block * 64, head = head_kv * hpk + r0 % hpk, tok = span.first + r0 / hpk;
+        const int batch = p.cu_seqlens_q == nullptr ? req : 0;
+        mbarrier_arrive_expect_tx(q_bar, 64 * kD * 2);
+#pragma unroll
+        for (int sub = 0; sub < kDV / 64; ++sub) tma_load_4d(sq + sub * kSubTileBytes, &sp.q_latent, q_bar, sub * 64, head, tok, batch);
+        if (kRope) tma_load_4d(sq + kRopeSub * kSubTileBytes, &sp.q_rope, q_bar, 0, head, tok, batch);
+        load_block(lo, page0, 0);
+        if (lo + 1 < hi) load_block(lo + 1, page1, 1);
+      }
+    } else {
+      if (tid == 0) {
+        load_block(lo, page_of(lo), 0);
+        if (lo + 1 < hi) load_block(lo + 1, page_of(lo + 1), 1);
+      }
+      // Q: per-thread values recomputed (opaque), not held across the main loop
+      load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
+      cp_async_commit_group();
     }
-
-    // Q: per-thread values recomputed (opaque), not held across the main loop
-    load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
-    cp_async_commit_group();
     if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
       if (p.piece_done && last_warp()) decode_start_pieces(p);
       pieces_started = true;
@@ -288,9 +312,15 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
     }
-    cp_async_wait_all();
-    fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
-    __syncthreads();             // Q and row limits visible to everyone
+    if constexpr (kQTma) {
+      __syncthreads();  // row limits visible to everyone
+      mbarrier_wait(sbase + L::kQBar, q_phase);  // Q landed (async-proxy writes, seen by ldmatrix too)
+      q_phase ^= 1;
+    } else {
+      cp_async_wait_all();
+      fence_proxy_async_shared();  // cp.async wrote through the generic proxy; wgmma reads via the async one
+      __syncthreads();             // Q and row limits visible to everyone
+    }
 
     // The rope part of Q as RS A fragments (4 k-steps x 4 registers): frees sQ's rope
     // sub-tile for sP1. Lanes 0-15 address rows 0-15 of the warp's slice at the k-step's

@@ -77,10 +77,15 @@ struct alignas(64) TensorMap {
 
 // The seesaw decode kernel (64-row tiles, page_size % 64 == 0) loads KV blocks with TMA:
 // two tensor maps over the cache, each a 4-D view (columns, KV heads, rows in a page,
-// pages) with 64 x 64 boxes, 128-byte swizzled, followed by the usual parameters.
+// pages) with 64 x 64 boxes, 128-byte swizzled. Its Q-by-TMA variant loads Q tiles
+// through two more, over q as (columns, heads, tokens, requests; one request of every
+// token when ragged) whose box is 64 columns of a tile's 64 rows. The usual parameters
+// follow.
 struct SeesawParams {
   TensorMap k_latent;  // k's latent columns [0, head_dim_v)
   TensorMap k_rope;    // k_pe's rope columns (unused when head_dim == head_dim_v)
+  TensorMap q_latent;  // q's latent columns (Q by TMA only)
+  TensorMap q_rope;    // q_pe's rope columns (Q by TMA, head_dim > head_dim_v only)
   DecodeParams p;
 };
 
