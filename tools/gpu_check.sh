@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 python3 -c "import cuda.bindings, cupy, torch; print('cuda-bindings', cuda.bindings.__version__, '| cupy', cupy.__version__, '| torch', torch.__version__)"
 
 if [[ $stage == all || $stage == tests ]]; then
+  # every variant compiled first, in parallel (a fresh machine has an empty kernel cache)
+  timeout 200 python3 -m flashmla_jit precompile --all --jobs "$(nproc)" 2>&1 | tail -1
   timeout 400 python3 -m pytest tests -q -rs --timeout 120 2>&1 | tee "$OUT/pytest.log" | tail -40
   status+=("pytest: $(tail -1 "$OUT/pytest.log")")
 fi
