@@ -430,7 +430,7 @@ class _DecodePlan:
                              rope_t.strides[0]))
         self.seesaw_templates = {}  # (k, k_pe) addresses -> parameters with their tensor maps
         # The seesaw kernel loads Q tiles by TMA too where a tile is one box per 64 columns:
-        # two more maps, over q (and q_pe), whose addresses each call sets (_set_q_maps).
+        # two more maps, over q (and q_pe), given each call's addresses (_encode_q_maps).
         self.q_geometry = (q_tile_geometry(qt, qpt, ragged, heads_per_kv, head_dim, head_dim_v)
                            if self.seesaw and settings.get().q_tma and q_tma_fits(heads_per_kv) else None)
         self.set_q_maps = None

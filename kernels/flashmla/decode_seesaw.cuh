@@ -61,7 +61,9 @@
 //   WG1 synced it). sP1: written before P1, read by h; the next write comes after WG1's
 //   next sync on Max0, which WG0 arrives after waiting for h.
 //   For d = 576 sP1 is sQ's rope sub-tile: the rope part of Q lives in registers (the A
-//   operand of the 4 rope k-steps), loaded before any sP1 write.
+//   operand of the 4 rope k-steps), loaded before any sP1 write. The next request's Q
+//   (a TMA write) comes after the __syncthreads that starts it; publish_p fenced the
+//   sP1 writes for the async proxy.
 // Named barriers pair one arrive with one sync per pair under the same conditions, and
 // no warpgroup can arrive twice on one before the other synced it (each second arrive
 // sits behind a sync on a signal the other sends after its sync).
@@ -290,7 +292,8 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         const int batch = p.cu_seqlens_q == nullptr ? req : 0;
         mbarrier_arrive_expect_tx(q_bar, 64 * kD * 2);
 #pragma unroll
-        for (int sub = 0; sub < kDV / 64; ++sub) tma_load_4d(sq + sub * kSubTileBytes, &sp.q_latent, q_bar, sub * 64, head, tok, batch);
+        for (int sub = 0; sub < kDV / 64; ++sub)
+          tma_load_4d(sq + sub * kSubTileBytes, &sp.q_latent, q_bar, sub * 64, head, tok, batch);
         if (kRope) tma_load_4d(sq + kRopeSub * kSubTileBytes, &sp.q_rope, q_bar, 0, head, tok, batch);
         load_block(lo, page0, 0);
         if (lo + 1 < hi) load_block(lo + 1, page1, 1);
