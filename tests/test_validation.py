@@ -368,6 +368,60 @@ def test_q_tile_geometry_of_ragged_split_and_strided_queries():
     assert api.q_tile_geometry(reversed_tokens, None, False, 16, 576, 512) is None
 
 
+def _fake_tile_map(layout):
+    """A stand-in for driver.tile_map (no driver here): 128 bytes holding the address at
+    bytes 16-23 ("plain"), split over two places ("split"), or scrambled ("other")."""
+    def tile_map(address, dims, strides, box):
+        body = bytearray(hash((dims, strides, box)).to_bytes(8, "little", signed=True) * 16)
+        a = address.to_bytes(8, "little")
+        if layout == "plain":
+            body[16:24] = a
+        elif layout == "split":
+            body[16:20], body[40:44] = a[:4], a[4:]
+        else:
+            body[16:24] = (address * 0x9E3779B1 % 2 ** 64).to_bytes(8, "little")
+        return bytes(body)
+    return tile_map
+
+
+@pytest.mark.parametrize("layout, offset", [("plain", 16), ("split", None), ("other", None)])
+def test_tensor_map_address_offset_found_only_for_a_plain_u64(layout, offset, monkeypatch):
+    from flashmla_jit import driver
+    monkeypatch.setattr(driver, "tile_map", _fake_tile_map(layout))
+    driver.tensor_map_address_offset.cache_clear()
+    try:
+        assert driver.tensor_map_address_offset() == offset
+    finally:
+        driver.tensor_map_address_offset.cache_clear()
+
+
+@pytest.mark.parametrize("layout", ["plain", "other"])
+def test_each_call_sets_its_q_addresses_in_the_q_maps(layout, monkeypatch):
+    """Patched (the driver keeps the address as a plain u64) or encoded anew, the Q maps of
+    a call equal the maps encoded for its q and q_pe addresses, and nothing else moves."""
+    from flashmla_jit import driver
+    from flashmla_jit.params import SeesawParams
+    monkeypatch.setattr(driver, "tile_map", _fake_tile_map(layout))
+    driver.tensor_map_address_offset.cache_clear()
+    try:
+        q = describe(torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16), "q")
+        k = describe(torch.zeros(8, 64, 1, 576, dtype=torch.bfloat16), "k_cache")
+        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
+        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
+        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, 64, 1, 576, 512, None, False,
+                               (2, 1, 64, 512), (2, 64, 1), ("same", None, 1.0))
+        plan._encode_q_maps(0x7000_0000, 0x7000_0400)
+        at = SeesawParams.q_latent.offset
+        for q_addr in (0x7000_0000, 0x1234_5670, 0x7F00_0000_0010):
+            params = SeesawParams.from_buffer_copy(plan.decode_template)
+            plan.set_q_maps(params, q_addr, q_addr + 1024)
+            raw = bytes(params)
+            assert raw[at:at + 256] == plan._q_maps(q_addr, q_addr + 1024)
+            assert raw[:at] + raw[at + 256:] == plan.decode_template[:at] + plan.decode_template[at + 256:]
+    finally:
+        driver.tensor_map_address_offset.cache_clear()
+
+
 @pytest.mark.parametrize("h_q, s_q, evict_first",
                          [(128, 2, True), (128, 1, True), (64, 2, True), (96, 1, True), (64, 1, False), (32, 2, False)])
 def test_seesaw_loads_kv_evict_first_above_64_rows(h_q, s_q, evict_first):
