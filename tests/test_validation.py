@@ -239,14 +239,20 @@ def test_fp8_formats():
     assert api._kv_format(describe(torch.zeros(1, 1, 1, 576, dtype=torch.bfloat16), "k"), q, None, None) == ("same", None, 1.0)
 
 
-def test_plan_fills_every_size_and_stride():
-    # The per-signature plan prefills all but the pointers of both kernels' parameters.
-    q = describe(torch.zeros(2, 3, 16, 576, dtype=torch.bfloat16), "q")
-    k = describe(torch.zeros(8, 64, 1, 576, dtype=torch.bfloat16), "k_cache")
+def host_plan(s_q=1, h_q=16, h_kv=1, page_size=64, causal=False):
+    """A decode plan built on the host (no GPU): batch 2, q (2, s_q, h_q, 576), 8 pages of
+    page_size tokens, a 4-page block table, 132 scheduler parts."""
+    q = describe(torch.zeros(2, s_q, h_q, 576, dtype=torch.bfloat16), "q")
+    k = describe(torch.zeros(8, page_size, h_kv, 576, dtype=torch.bfloat16), "k_cache")
     bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
     sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
-    plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 3, 16, 1, 576, 512, None, True,
-                           (2, 3, 16, 512), (2, 16, 3), ("same", None, 1.0))
+    return api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, s_q, h_q, h_kv, 576, 512, None, causal,
+                           (2, s_q, h_q, 512), (2, h_q, s_q), ("same", None, 1.0))
+
+
+def test_plan_fills_every_size_and_stride():
+    # The per-signature plan prefills all but the pointers of both kernels' parameters.
+    plan = host_plan(s_q=3, h_q=16, causal=True)
     # 48 rows per KV head: a 64-row tile on 64-token pages runs the seesaw (TMA) kernel
     assert plan.seesaw and plan.decode_spec.seesaw
     assert plan.kv_geometry == ((512, 1, 64, 8, 576, 576, 64 * 576), (64, 1, 64, 8, 576, 576, 64 * 576))
@@ -310,12 +316,7 @@ def test_plan_picks_the_seesaw_kernel_for_whole_64_token_pages(h_q, page_size, e
         monkeypatch.setenv("FLASHMLA_JIT_SEESAW", env)
     settings.get.cache_clear()
     try:
-        q = describe(torch.zeros(2, 1, h_q, 576, dtype=torch.bfloat16), "q")
-        k = describe(torch.zeros(8, page_size, 1, 576, dtype=torch.bfloat16), "k_cache")
-        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
-        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
-        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, h_q, 1, 576, 512, None, False,
-                               (2, 1, h_q, 512), (2, h_q, 1), ("same", None, 1.0))
+        plan = host_plan(h_q=h_q, page_size=page_size)
         assert plan.seesaw == seesaw and plan.decode_spec.seesaw == seesaw
         assert plan.decode_spec.tile_rows == (64 if seesaw else spec.tile_rows_for(h_q))
         assert plan.decode_grid[0] == -(-h_q // plan.decode_spec.tile_rows)
@@ -333,12 +334,7 @@ def test_seesaw_loads_q_by_tma_where_a_tile_is_one_box(h_q, h_kv, env, q_tma, mo
         monkeypatch.setenv("FLASHMLA_JIT_Q_TMA", env)
     settings.get.cache_clear()
     try:
-        q = describe(torch.zeros(2, 1, h_q, 576, dtype=torch.bfloat16), "q")
-        k = describe(torch.zeros(8, 64, h_kv, 576, dtype=torch.bfloat16), "k_cache")
-        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
-        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
-        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, h_q, h_kv, 576, 512, None, False,
-                               (2, 1, h_q, 512), (2, h_q, 1), ("same", None, 1.0))
+        plan = host_plan(h_q=h_q, h_kv=h_kv)
         assert plan.seesaw and plan.decode_spec.q_tma == q_tma and (plan.q_geometry is not None) == q_tma
         assert ("q_tma" in plan.decode_spec.name) == q_tma
         assert plan.decode_spec.name_expression.endswith(f"{'true' if q_tma else 'false'}>")
@@ -404,12 +400,7 @@ def test_each_call_sets_its_q_addresses_in_the_q_maps(layout, monkeypatch):
     monkeypatch.setattr(driver, "tile_map", _fake_tile_map(layout))
     driver.tensor_map_address_offset.cache_clear()
     try:
-        q = describe(torch.zeros(2, 1, 64, 576, dtype=torch.bfloat16), "q")
-        k = describe(torch.zeros(8, 64, 1, 576, dtype=torch.bfloat16), "k_cache")
-        bt = describe(torch.zeros(2, 4, dtype=torch.int32), "block_table")
-        sched = describe(torch.zeros(132, 8, dtype=torch.int32), "tile_scheduler_metadata")
-        plan = api._DecodePlan(q, k, bt, sched, None, None, None, None, 0, 2, 1, 64, 1, 576, 512, None, False,
-                               (2, 1, 64, 512), (2, 64, 1), ("same", None, 1.0))
+        plan = host_plan(h_q=64)
         plan._encode_q_maps(0x7000_0000, 0x7000_0400)
         at = SeesawParams.q_latent.offset
         for q_addr in (0x7000_0000, 0x1234_5670, 0x7F00_0000_0010):
