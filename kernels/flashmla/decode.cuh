@@ -67,7 +67,8 @@ constexpr int kSubTileBytes = kBlockN * 128;  // one 64-column sub-tile of a KV 
 // One request's query tile (kRows rows of the KV head, rows past req_rows zero-filled)
 // into the swizzled tile at sq: kThreads / kRows threads per row, one cp.async per
 // 16-byte chunk, latent columns from q and rope columns from q_pe. Not committed: the
-// caller puts it in a commit group. Both decode kernels load Q this way.
+// caller puts it in a commit group. Both decode kernels load Q this way (the seesaw one
+// by TMA instead where a tile is one box per 64 columns).
 template <int kRows, int kThreads, int kD, int kDV>
 __device__ __forceinline__ void load_q_tile(const DecodeParams& p, u32 sq, int tid, int req, QuerySpan span,
                                             int req_rows, int hpk, int m_block, int head_kv) {
