@@ -158,11 +158,12 @@ def test_seesaw_params_mirror_matches_the_device_struct():
     compiler.compile_source(source, "&probe", compiler.compile_options(None), "params_probe")
 
 
-@pytest.mark.parametrize("define", ["FLASHMLA_SEESAW_TRACE=1", "FLASHMLA_SEESAW_CTATIME=1"])
+@pytest.mark.parametrize("define", ["FLASHMLA_SEESAW_TRACE=1", "FLASHMLA_SEESAW_CTATIME=1", "FLASHMLA_SEESAW_CTATIME=2"])
 def test_seesaw_diagnostic_builds_compile(define, monkeypatch):
-    """The builds of tools/seesaw_trace.py and tools/cta_timeline.py stay usable: their clock
-    marks sit where registers are tight (the compiler lets the trace build spill a few
-    bytes, never serialize its wgmma; the CTA timeline build must not spill at all)."""
+    """The builds of tools/seesaw_trace.py, tools/cta_timeline.py and tools/pair_timeline.py
+    stay usable: their clock marks sit where registers are tight (the compiler lets the
+    trace build spill a few bytes, never serialize its wgmma; the timeline builds must not
+    spill at all)."""
     from flashmla_jit import settings
     monkeypatch.setenv("FLASHMLA_JIT_DEFINES", define)
     monkeypatch.setenv("FLASHMLA_JIT_DISABLE_CACHE", "1")

@@ -2,8 +2,8 @@
 tools/bench.py's varlen rows; causal, bf16) launched with a
 diagnostic buffer in k_scale, which the TRACE and CTATIME builds write to (through the
 API, which passes none, they would write to address 0). Used by tools/seesaw_trace.py,
-tools/cta_timeline.py and tools/clock_under_load.py; import it after setting
-FLASHMLA_JIT_DEFINES."""
+tools/cta_timeline.py, tools/pair_timeline.py and tools/clock_under_load.py; import it
+after setting FLASHMLA_JIT_DEFINES."""
 import math
 
 import torch

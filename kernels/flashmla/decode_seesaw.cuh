@@ -41,8 +41,8 @@
 // kv0 4-7 after g (S0 finished before WG0's arrive on Max0, which WG1 synced); kv1 0-3
 // after h (S1 finished before WG1's arrive on Max1, synced by WG0); kv1 4-7 after e.
 // Page ids are read at the top of the pair, so no TMA issue waits on the block table.
-// (Measured and dropped: an L2 prefetch of the blocks a pair ahead, and an evict-first
-// L2 hint on the loads; docs/PERF.md, v7.)
+// (Measured and dropped: an L2 prefetch of the blocks one pair ahead, docs/PERF.md v7, or
+// two pairs ahead, v27: 10-19 % slower. The L2 hint on the loads: see load_kv.)
 // With two buffers, a refill has about one PV of tensor work to land before its S
 // needs it: the S waits there are what separates this kernel from the tensor peak.
 // Cheap skips on the CUDA cores, whose work sits between the wgmmas: blocks a whole
@@ -106,8 +106,36 @@ constexpr int kTraceEvents = 16;
 #ifndef FLASHMLA_SEESAW_CTATIME
 #define FLASHMLA_SEESAW_CTATIME 0
 #endif
-__device__ __forceinline__ long long* cta_stamps(const DecodeParams& p) {  // this CTA's 32 slots
-  return (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * 32;
+// CTATIME=2 (tools/pair_timeline.py) also stamps each pair's start and each request's
+// loop end, as the low 32 bits of clock64 and of globaltimer (the SM clock moves within a
+// call), in shared memory (global stores there made ptxas spill), written at the CTA's exit
+// to slots 32 + 2 n, 32 + 2 n + 1, n < kPairStamps counted over the part's requests.
+constexpr int kPairStamps = 85;  // 680 bytes: what the 227 KB leave beside the dynamic plan
+constexpr int kCtaStampSlots = FLASHMLA_SEESAW_CTATIME >= 2 ? 32 + 2 * kPairStamps : 32;
+__device__ __forceinline__ long long* cta_stamps(const DecodeParams& p) {  // this CTA's slots
+  return (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kCtaStampSlots;
+}
+#if FLASHMLA_SEESAW_CTATIME >= 2
+__shared__ u32 pair_stamps[2 * kPairStamps];
+__shared__ int pair_stamps_taken;  // thread 0's count (no other thread reads it)
+#endif
+enum class PairStamp { kReset, kTake, kWrite };
+__device__ __forceinline__ void pair_stamp(const DecodeParams& p, PairStamp what = PairStamp::kTake) {
+#if FLASHMLA_SEESAW_CTATIME >= 2
+  if (threadIdx.x != 0) return;
+  const int n = what == PairStamp::kReset ? 0 : pair_stamps_taken;
+  if (what == PairStamp::kWrite) {
+    for (int i = 0; i < 2 * min(n, kPairStamps); ++i) cta_stamps(p)[32 + i] = pair_stamps[i];
+    return;
+  }
+  if (what == PairStamp::kTake && n < kPairStamps) {
+    long long clock, ns;
+    asm volatile("mov.u64 %0, %%clock64;" : "=l"(clock));
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
+    pair_stamps[2 * n] = (u32)clock, pair_stamps[2 * n + 1] = (u32)ns;
+  }
+  pair_stamps_taken = n + (what == PairStamp::kTake);
+#endif
 }
 __device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool globaltimer = false) {
   if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
@@ -183,7 +211,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const DecodeParams& p = sp.p;
 
   if (!sp.p.piece_done) grid_launch_dependents();  // the combine's CTAs may be scheduled; they wait for us
-  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2), cta_stamp_smid(sp.p);
+  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2), cta_stamp_smid(sp.p), pair_stamp(sp.p, PairStamp::kReset);
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 sbase = smem_u32(smem);
   const u32 kv0 = sbase + L::kKv0, kv1 = sbase + L::kKv1, sq = sbase + L::kQ;
@@ -636,8 +664,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(11);
       };
       int blk = lo;
-      for (; steady_pair(blk); blk += 2) pair(blk, true);
-      for (; blk < hi; blk += 2) pair(blk, false);
+      for (; steady_pair(blk); blk += 2) pair_stamp(p), pair(blk, true);
+      for (; blk < hi; blk += 2) pair_stamp(p), pair(blk, false);
+      pair_stamp(p);
       trace_end();
       cta_stamp(p, cta_stamp_slot(pos, rec[0], 2));
     } else {
@@ -799,7 +828,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     bulk_wait_read();
     cta_stamp(p, cta_stamp_slot(pos, rec[0], 4));
   }
-  cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3);
+  cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3), pair_stamp(sp.p, PairStamp::kWrite);
 }
 
 }  // namespace flashmla
