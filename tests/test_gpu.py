@@ -308,6 +308,10 @@ def test_repeated_signature_reads_each_calls_pointers():
             poison_allocator(((batch, 1, h_q, 512), torch.bfloat16), ((batch, h_q, 1), torch.float32))
             out, lse = flash_mla_with_kvcache(q, k_cache, block_table, seqlens, 512, sched, ns)
             out_copy, lse_copy = out.clone(), lse.clone()  # same stream, no sync in between
+            # the hot path allocates its outputs itself: as the first call's
+            assert out.shape == (batch, 1, h_q, 512) and out.dtype == q.dtype and out.device == q.device
+            assert lse.shape == (batch, h_q, 1) and lse.dtype == torch.float32 and lse.device == q.device
+            assert out.is_contiguous() and lse.is_contiguous() and not out.requires_grad
             ref_out, ref_lse = reference(q, k_cache, block_table, seqlens, 512)
             assert_close(out_copy, lse_copy, ref_out, ref_lse, f"repeated call b={batch} h_q={h_q}")
 
