@@ -110,7 +110,9 @@ constexpr int kTraceEvents = 16;
 // loop end, as the low 32 bits of clock64 and of globaltimer (the SM clock moves within a
 // call), in shared memory (global stores there made ptxas spill), written at the CTA's exit
 // to slots 32 + 2 n, 32 + 2 n + 1, n < kPairStamps counted over the part's requests.
-constexpr int kPairStamps = 85;  // 680 bytes: what the 227 KB leave beside the dynamic plan
+// 85: 684 bytes of static shared memory. The dynamic plan (230712 bytes at d = 576) starts
+// at the next 1024-byte boundary after it, and the two must fit in 232448 (227 KiB).
+constexpr int kPairStamps = 85;
 constexpr int kCtaStampSlots = FLASHMLA_SEESAW_CTATIME >= 2 ? 32 + 2 * kPairStamps : 32;
 __device__ __forceinline__ long long* cta_stamps(const DecodeParams& p) {  // this CTA's slots
   return (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kCtaStampSlots;
