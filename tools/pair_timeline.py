@@ -8,6 +8,7 @@ first 85 stamps (the pairs and each request's loop end).
 """
 import math
 import os
+import re
 import sys
 
 # before flashmla_jit reads its settings; other defines (experiments) pass through
@@ -18,7 +19,11 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "tools")]
 import torch  # noqa: E402
 from seesaw_probe import run_with_buffer  # noqa: E402
 
-PAIR_STAMPS = 85  # kPairStamps
+from flashmla_jit.compiler import kernel_dir  # noqa: E402
+
+# kPairStamps, read from the kernel so that the buffer's layout cannot drift from it
+PAIR_STAMPS = int(re.search(r"constexpr int kPairStamps = (\d+);",
+                            (kernel_dir() / "flashmla" / "decode_seesaw.cuh").read_text()).group(1))
 WRAP = 2.0 ** 32  # the stamps keep 32 bits of each counter
 
 
