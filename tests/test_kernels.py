@@ -163,13 +163,15 @@ def test_seesaw_diagnostic_builds_compile(define, monkeypatch):
     """The builds of tools/seesaw_trace.py, tools/cta_timeline.py and tools/pair_timeline.py
     stay usable: their clock marks sit where registers are tight (the compiler lets the
     trace build spill a few bytes, never serialize its wgmma; the timeline builds must not
-    spill at all)."""
+    spill at all). Three variants that between them set every template flag: register use
+    differs by variant (the Q-TMA ones spilled where the plain ones did not)."""
     from flashmla_jit import settings
     monkeypatch.setenv("FLASHMLA_JIT_DEFINES", define)
     monkeypatch.setenv("FLASHMLA_JIT_DISABLE_CACHE", "1")
     settings.get.cache_clear()
     try:
-        for causal in (False, True):
-            compiler.compile_spec(spec.KernelSpec("decode", "bf16", 576, 512, causal=causal, tile_rows=64, seesaw=True))
+        for causal, evict_first, q_tma in ((False, False, False), (False, False, True), (True, True, True)):
+            compiler.compile_spec(spec.KernelSpec("decode", "bf16", 576, 512, causal=causal, tile_rows=64, seesaw=True,
+                                                  kv_evict_first=evict_first, q_tma=q_tma))
     finally:
         settings.get.cache_clear()

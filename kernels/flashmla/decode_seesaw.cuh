@@ -102,59 +102,76 @@ constexpr int kTraceEvents = 16;
 // every CTA stamps its request boundaries into the int64 buffer passed as k_scale,
 // [cta][32]: globaltimer at entry and exit (0, 1), clock64 at entry and exit (2, 3), then
 // per request i < 5 of the part, at 4 + 5 i: start, first S done, loop done, stores
-// begin, stores done (clock64), and the SM id at 31. Off: the stamps compile away.
+// begin, stores done (clock64), and the SM id at 31. The stamps collect in shared memory
+// and go out at the CTA's exit (a global store at each stamp made ptxas spill in the Q-TMA
+// variants on NVRTC 12). Off: the stamps compile away.
 #ifndef FLASHMLA_SEESAW_CTATIME
 #define FLASHMLA_SEESAW_CTATIME 0
 #endif
 // CTATIME=2 (tools/pair_timeline.py) also stamps each pair's start and each request's
 // loop end, as the low 32 bits of clock64 and of globaltimer (the SM clock moves within a
-// call), in shared memory (global stores there made ptxas spill), written at the CTA's exit
-// to slots 32 + 2 n, 32 + 2 n + 1, n < kPairStamps counted over the part's requests.
-// 85: 684 bytes of static shared memory. The dynamic plan (230712 bytes at d = 576) starts
-// at the next 1024-byte boundary after it, and the two must fit in 232448 (227 KiB).
+// call), written out to slots 32 + 2 n, 32 + 2 n + 1, n < kPairStamps counted over the
+// part's requests. 85: 944 bytes of static shared memory with the request stamps. The
+// dynamic plan (230712 bytes at d = 576) starts at the next 1024-byte boundary after it,
+// and the two must fit in 232448 (227 KiB).
 constexpr int kPairStamps = 85;
 constexpr int kCtaStampSlots = FLASHMLA_SEESAW_CTATIME >= 2 ? 32 + 2 * kPairStamps : 32;
-__device__ __forceinline__ long long* cta_stamps(const DecodeParams& p) {  // this CTA's slots
-  return (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kCtaStampSlots;
-}
+#if FLASHMLA_SEESAW_CTATIME
+__shared__ long long cta_slots[32];
+#endif
 #if FLASHMLA_SEESAW_CTATIME >= 2
 __shared__ u32 pair_stamps[2 * kPairStamps];
 __shared__ int pair_stamps_taken;  // thread 0's count (no other thread reads it)
 #endif
-enum class PairStamp { kReset, kTake, kWrite };
-__device__ __forceinline__ void pair_stamp(const DecodeParams& p, PairStamp what = PairStamp::kTake) {
-#if FLASHMLA_SEESAW_CTATIME >= 2
-  if (threadIdx.x != 0) return;
-  const int n = what == PairStamp::kReset ? 0 : pair_stamps_taken;
-  if (what == PairStamp::kWrite) {
-    for (int i = 0; i < 2 * min(n, kPairStamps); ++i) cta_stamps(p)[32 + i] = pair_stamps[i];
-    return;
-  }
-  if (what == PairStamp::kTake && n < kPairStamps) {
-    long long clock, ns;
-    asm volatile("mov.u64 %0, %%clock64;" : "=l"(clock));
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(ns));
-    pair_stamps[2 * n] = (u32)clock, pair_stamps[2 * n + 1] = (u32)ns;
-  }
-  pair_stamps_taken = n + (what == PairStamp::kTake);
-#endif
-}
-__device__ __forceinline__ void cta_stamp(const DecodeParams& p, int slot, bool globaltimer = false) {
-  if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
+__device__ __forceinline__ long long stamp_clock(bool globaltimer = false) {
   long long v;
   if (globaltimer) asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(v));
   else asm volatile("mov.u64 %0, %%clock64;" : "=l"(v));
-  cta_stamps(p)[slot] = v;
+  return v;
 }
-// Slot 31: the SM the CTA runs on (%smid), to tell an SM's pace from its part's.
-__device__ __forceinline__ void cta_stamp_smid(const DecodeParams& p) {
-  if (!FLASHMLA_SEESAW_CTATIME || threadIdx.x != 0) return;
+// Event `event` (0-4) of the part's request at position `pos`, its first at `begin_pos`.
+__device__ __forceinline__ void cta_stamp(int pos, int begin_pos, int event) {
+#if FLASHMLA_SEESAW_CTATIME
+  if (threadIdx.x == 0) cta_slots[4 + 5 * min(pos - begin_pos, 4) + event] = stamp_clock();
+#endif
+}
+__device__ __forceinline__ void pair_stamp() {
+#if FLASHMLA_SEESAW_CTATIME >= 2
+  if (threadIdx.x != 0) return;
+  const int n = pair_stamps_taken;
+  if (n < kPairStamps) {
+    u32 clock, ns;  // the low words only: two registers where the loop has few
+    asm volatile("mov.u32 %0, %%clock;\n mov.u32 %1, %%globaltimer_lo;" : "=r"(clock), "=r"(ns));
+    pair_stamps[2 * n] = clock, pair_stamps[2 * n + 1] = ns;
+  }
+  pair_stamps_taken = n + 1;
+#endif
+}
+// At entry: clear the slots, then stamp the entry and the SM the CTA runs on (slot 31, to
+// tell an SM's pace from its part's).
+__device__ __forceinline__ void cta_stamps_begin() {
+#if FLASHMLA_SEESAW_CTATIME
+  if (threadIdx.x != 0) return;
+  for (int i = 0; i < 32; ++i) cta_slots[i] = 0;
   u32 smid;
   asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-  cta_stamps(p)[31] = smid;
+  cta_slots[0] = stamp_clock(true), cta_slots[2] = stamp_clock(), cta_slots[31] = smid;
+#if FLASHMLA_SEESAW_CTATIME >= 2
+  pair_stamps_taken = 0;
+#endif
+#endif
 }
-__device__ __forceinline__ int cta_stamp_slot(int pos, int begin_pos, int event) {
-  return 4 + 5 * min(pos - begin_pos, 4) + event;
+// At exit: stamp it, and write this CTA's slots out.
+__device__ __forceinline__ void cta_stamps_end(const DecodeParams& p) {
+#if FLASHMLA_SEESAW_CTATIME
+  if (threadIdx.x != 0) return;
+  cta_slots[1] = stamp_clock(true), cta_slots[3] = stamp_clock();
+  long long* out = (long long*)p.k_scale + (blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z)) * kCtaStampSlots;
+  for (int i = 0; i < 32; ++i) out[i] = cta_slots[i];
+#if FLASHMLA_SEESAW_CTATIME >= 2
+  for (int i = 0; i < 2 * min(pair_stamps_taken, kPairStamps); ++i) out[32 + i] = pair_stamps[i];
+#endif
+#endif
 }
 
 // Named barrier ids (0 is __syncthreads); 256 threads = both warpgroups, 128 = one.
@@ -213,7 +230,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const DecodeParams& p = sp.p;
 
   if (!sp.p.piece_done) grid_launch_dependents();  // the combine's CTAs may be scheduled; they wait for us
-  cta_stamp(sp.p, 0, true), cta_stamp(sp.p, 2), cta_stamp_smid(sp.p), pair_stamp(sp.p, PairStamp::kReset);
+  cta_stamps_begin();
   extern __shared__ __align__(1024) unsigned char smem[];
   const u32 sbase = smem_u32(smem);
   const u32 kv0 = sbase + L::kKv0, kv1 = sbase + L::kKv1, sq = sbase + L::kQ;
@@ -255,7 +272,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   u32 q_phase = 0;  // likewise for Q's mbarrier (Q by TMA): once per request
   bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
 
-  for (int pos = rec[0], last = min(rec[2], (int)p.batch - 1); pos <= last; ++pos) {
+  // The part's last request position, held across the loop; the stamp builds re-read it
+  // per request instead (the register it holds is one their stamps need: a spill).
+  auto last_pos = [&]() { return min(rec[2], (int)p.batch - 1); };
+  const int last = last_pos();
+  for (int pos = rec[0]; pos <= (FLASHMLA_SEESAW_CTATIME ? last_pos() : last); ++pos) {
     const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
     const int seqlen = p.seqlens[req];
     const BlockRange blocks = part_blocks(seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
@@ -267,7 +288,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     if (m_block * 64 >= req_rows) continue;
 
     __syncthreads();  // the previous request is done with every shared buffer (and barriers are initialized)
-    cta_stamp(p, cta_stamp_slot(pos, rec[0], 0));
+    cta_stamp(pos, rec[0], 0);
 
     // ---- KV loads, issued by lane 0 of one warp. A block's page id is read ahead
     // (page_of) so the TMA issue never waits on the block table; blocks at or past
@@ -598,7 +619,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       wgmma_commit_group();
       phase ^= 1;
       wgmma_wait_group<0>();
-      cta_stamp(p, cta_stamp_slot(pos, rec[0], 1));
+      cta_stamp(pos, rec[0], 1);
       auto pair = [&](int blk, bool steady) {
         const bool has1 = steady || blk + 1 < hi, next0 = steady || blk + 2 < hi, next1 = steady || blk + 3 < hi;
         int page2 = -1, page3 = -1;  // read now, used later in the pair
@@ -666,11 +687,11 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(11);
       };
       int blk = lo;
-      for (; steady_pair(blk); blk += 2) pair_stamp(p), pair(blk, true);
-      for (; blk < hi; blk += 2) pair_stamp(p), pair(blk, false);
-      pair_stamp(p);
+      for (; steady_pair(blk); blk += 2) pair_stamp(), pair(blk, true);
+      for (; blk < hi; blk += 2) pair_stamp(), pair(blk, false);
+      pair_stamp();
       trace_end();
-      cta_stamp(p, cta_stamp_slot(pos, rec[0], 2));
+      cta_stamp(pos, rec[0], 2);
     } else {
       // ================= warpgroup 1: odd blocks, O columns 256-511 =================
       // S of the odd block in kv1, in refill order: rope, 4-7 (WG1's), 0-3 (WG0's).
@@ -772,7 +793,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       // Request facts needed only here are (re)loaded here: registers are the limit.
       const int n_pieces = p.num_splits[req + 1] - p.num_splits[req];
       const int split = pos == rec[0] ? rec[4] : p.num_splits[req];
-      cta_stamp(p, cta_stamp_slot(pos, rec[0], 3));
+      cta_stamp(pos, rec[0], 3);
       if (n_pieces == 1) {
         // The final 16-bit rows leave by bulk copies (FlashMLA's way; 3 % faster at h128
         // 4K than stores from registers, PERF.md v18): each warp stages its 16 rows of
@@ -828,9 +849,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // The staging area is the next request's KV buffers: read out before its first loads
     // (after the __syncthreads that starts it) and before the CTA exits.
     bulk_wait_read();
-    cta_stamp(p, cta_stamp_slot(pos, rec[0], 4));
+    cta_stamp(pos, rec[0], 4);
   }
-  cta_stamp(sp.p, 1, true), cta_stamp(sp.p, 3), pair_stamp(sp.p, PairStamp::kWrite);
+  cta_stamps_end(sp.p);
 }
 
 }  // namespace flashmla
