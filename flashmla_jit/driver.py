@@ -119,7 +119,9 @@ def function(spec, device: int):
 def tile_map(address: int, dims, strides, box) -> bytes:
     """The 128 bytes of a CUtensorMap over a 4-D 16-bit tensor, dims and box innermost
     first, strides (of dims 1-3) in elements: 128-byte swizzled like the kernels' shared
-    tiles (box[0] = 64 columns), boxes reaching outside the tensor filled with zeros."""
+    tiles (box[0] = 64 columns), boxes reaching outside the tensor filled with zeros. L2
+    promotion 256 bytes: ~1 % faster memory-bound than 128 (docs/PERF.md v28); its lookups
+    of lines it already fetched show in ncu as L2 hits."""
     _init()
     u64, u32 = cu.cuuint64_t, cu.cuuint32_t
     tensor_map = check(cu.cuTensorMapEncodeTiled(
