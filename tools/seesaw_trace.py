@@ -4,6 +4,8 @@ its pair's start, in CTA (0, 0, 0) (kernels/flashmla/decode_seesaw.cuh, TRACE); 
 k_scale, as here: through the API it would write to address 0.
 
   python tools/seesaw_trace.py [H_Q S_Q S_K]      # default 128 2 16384, b = 128
+  FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_TRACE_PAIRS_FROM=0 FLASHMLA_SEESAW_TRACE_PAIRS_TO=2"
+      sums only those pairs of each request (0-based), e.g. the first ones against the rest
 """
 import os
 import sys
@@ -25,7 +27,9 @@ h_q, s_q, s_k = (int(a) for a in sys.argv[1:4]) if len(sys.argv) > 3 else (128, 
 # WG0 events, then WG1's
 trace, _ = run_with_buffer(128, s_k, h_q, s_q, lambda plan: torch.zeros(32, dtype=torch.int64, device="cuda"))
 t = trace.cpu()
-print(f"{torch.cuda.get_device_name()}: b=128 h_q={h_q} s_q={s_q} s_k={s_k}, CTA (0, 0, 0), mean SM cycles from each pair's start")
+ranged = " ".join(d for d in os.environ["FLASHMLA_JIT_DEFINES"].split() if "TRACE_PAIRS" in d)
+print(f"{torch.cuda.get_device_name()}: b=128 h_q={h_q} s_q={s_q} s_k={s_k}, CTA (0, 0, 0), mean SM cycles from each "
+      f"pair's start{' (' + ranged + ')' if ranged else ''}")
 pairs = int(t[15])
 print(f"warpgroup 0 ({pairs} pairs)")
 for e, name in enumerate(EVENTS):

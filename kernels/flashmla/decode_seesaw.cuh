@@ -96,6 +96,13 @@ constexpr int kSteadyMinBlocks = 8;  // a part's block range that runs the stead
 #ifndef FLASHMLA_SEESAW_TRACE_MASK
 #define FLASHMLA_SEESAW_TRACE_MASK 0xffd  // event 1 left out: marking it too makes ptxas spill
 #endif
+// Only a request's pairs FROM..TO (0-based) are summed, e.g. its first ones against the rest.
+#ifndef FLASHMLA_SEESAW_TRACE_PAIRS_FROM
+#define FLASHMLA_SEESAW_TRACE_PAIRS_FROM 0
+#endif
+#ifndef FLASHMLA_SEESAW_TRACE_PAIRS_TO
+#define FLASHMLA_SEESAW_TRACE_PAIRS_TO (1 << 30)
+#endif
 constexpr int kTraceEvents = 16;
 
 // FLASHMLA_JIT_DEFINES="FLASHMLA_SEESAW_CTATIME=1" (tools/cta_timeline.py): thread 0 of
@@ -535,8 +542,21 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     auto traced = [&]() {
       return FLASHMLA_SEESAW_TRACE && tid == 0 && (blockIdx.x | blockIdx.y | blockIdx.z) == 0;
     };
+    // Trace builds only (the default build's source stays token for token as it was, so
+    // its SASS does too): the pair each warpgroup is at in its request, and whether it is
+    // one of the traced ones.
+#if FLASHMLA_SEESAW_TRACE
+    __shared__ int trace_pair[2];
+    auto pair_traced = [&](int w, int event) {
+      if (event == 0) ++trace_pair[w];
+      return trace_pair[w] >= FLASHMLA_SEESAW_TRACE_PAIRS_FROM && trace_pair[w] <= FLASHMLA_SEESAW_TRACE_PAIRS_TO;
+    };
+#endif
     auto mark = [&](int event) {
       if (!traced() || !((FLASHMLA_SEESAW_TRACE_MASK >> event) & 1)) return;
+#if FLASHMLA_SEESAW_TRACE
+      if (!pair_traced(0, event)) return;
+#endif
       u32 now;
       asm volatile("mov.u32 %0, %%clock;\n" : "=r"(now));
       if (event == 0) trace_slots[0] = now, trace_slots[kTraceEvents - 1] += 1;
@@ -545,6 +565,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     auto trace_begin = [&]() {
       if (traced())
         for (int e = 0; e < kTraceEvents; ++e) trace_slots[e] = 0;
+#if FLASHMLA_SEESAW_TRACE
+      if (traced()) trace_pair[0] = -1;
+#endif
     };
     auto trace_end = [&]() {
       if (traced())
@@ -563,6 +586,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     };
     auto mark1 = [&](int event) {
       if (!traced1()) return;
+#if FLASHMLA_SEESAW_TRACE
+      if (!pair_traced(1, event)) return;
+#endif
       u32 now;
       asm volatile("mov.u32 %0, %%clock;\n" : "=r"(now));
       if (event == 0) wg1_slots[0] = now, wg1_slots[kTraceEvents - 1] += 1;
@@ -572,6 +598,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     auto trace1_begin = [&]() {
       if (traced1())
         for (int e = 0; e < kTraceEvents; ++e) wg1_slots[e] = 0;
+#if FLASHMLA_SEESAW_TRACE
+      if (traced1()) trace_pair[1] = -1;
+#endif
     };
     auto trace1_end = [&]() {
       if (traced1())  // signed: event 1 may be negative
