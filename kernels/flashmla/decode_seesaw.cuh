@@ -27,19 +27,23 @@
 // ---- Events of one pair (blk in buffer kv0, blk + 1 in kv1); S0 is done on entry ----
 //  WG0                                      WG1 (S1 done on entry)
 //  rowmax S0 -> m0, sMax0; arrive Max0      sync Max0; O_R *= s0
-//  P0; TMA kv0 rope <- blk+2                sync P0; g = sP0 V0_R (SS)
-//  P0 -> sP0; arrive P0                     rowmax S1 -> m1, sMax1; arrive Max1
-//  O_L *= s0; c = P0 V0_L (RS); wait        P1; TMA kv1 rope <- blk+3; P1 -> sP1; arrive P1
-//  TMA kv0 0-3 <- blk+2; sync Max1          (O_R moved: wait g; O_R *= s1); e = P1 V1_R (RS)
-//  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait g; TMA kv0 4-7 <- blk+2
+//  P0 -> sP0; arrive P0                     sync P0; g = sP0 V0_R (SS)
+//  O_L *= s0; c = P0 V0_L (RS); wait        rowmax S1 -> m1, sMax1; arrive Max1
+//  TMA kv0 0-3, rope <- blk+2               P1 -> sP1; arrive P1
+//  sync Max1                                (O_R moved: wait g; O_R *= s1); e = P1 V1_R (RS)
+//  sync P1; O_L *= s1; h = sP1 V1_L (SS)    wait g; TMA kv0 4-7 <- blk+2, kv1 rope <- blk+3
 //  S0' on kv0 rope, 0-3                     wait e; TMA kv1 4-7 <- blk+3
 //  wait h; TMA kv1 0-3 <- blk+3             S1' on kv1 rope, 4-7, 0-3; wait
 //  S0' on kv0 4-7; wait
 // A buffer fills in three parts (sub-tiles 0-3, 4-7 and the rope sub-tile), each with
 // its own mbarrier, and each S waits part by part in refill order. A part is refilled as
-// soon as its last reader is done: the rope right after its block's S; kv0 0-3 after c;
-// kv0 4-7 after g (S0 finished before WG0's arrive on Max0, which WG1 synced); kv1 0-3
-// after h (S1 finished before WG1's arrive on Max1, synced by WG0); kv1 4-7 after e.
+// soon as its last reader is done: kv0 0-3 after c; kv0 4-7 after g (S0 finished before
+// WG0's arrive on Max0, which WG1 synced); kv1 0-3 after h (S1 finished before WG1's
+// arrive on Max1, synced by WG0); kv1 4-7 after e. The rope sub-tiles are free right after
+// their block's S, but a TMA issue inside the softmax delays that warp's arrive on P, which
+// the other warpgroup waits for: they go out after the PV wait that follows (WG0's after c,
+// WG1's after g), where the warpgroup waits anyway (h128 s_q 2 steps 1-3 % faster back to
+// back, s_q 1 4K 0.7 %; docs/PERF.md v29).
 // Page ids are read at the top of the pair, so no TMA issue waits on the block table.
 // (Measured and dropped: an L2 prefetch of the blocks one pair ahead, docs/PERF.md v7, or
 // two pairs ahead, v27: 10-19 % slower. The L2 hint on the loads: see load_kv.)
@@ -118,7 +122,7 @@ constexpr int kTraceEvents = 16;
 // CTATIME=2 (tools/pair_timeline.py) also stamps each pair's start and each request's
 // loop end, as the low 32 bits of clock64 and of globaltimer (the SM clock moves within a
 // call), written out to slots 32 + 2 n, 32 + 2 n + 1, n < kPairStamps counted over the
-// part's requests. 85: 944 bytes of static shared memory with the request stamps. The
+// part's requests. 85: under 1 KB of static shared memory with the request stamps. The
 // dynamic plan (230712 bytes at d = 576) starts at the next 1024-byte boundary after it,
 // and the two must fit in 232448 (227 KiB).
 constexpr int kPairStamps = 85;
@@ -261,7 +265,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   const int* rec = p.sched + blockIdx.z * kSchedRecordInts;
   const float scale = (float)p.scale_log2;
   const int hpk = (int)p.heads_per_kv;
-  const i64 kv_cap = p.max_blocks * p.page_size;  // tokens the block table can address
+  // Tokens the block table can address, clamped to int (seqlens are int): one register held
+  // across the request loop, not two (the pair of a 64-bit product spilled once a request).
+  const int kv_cap = (int)min(p.max_blocks * p.page_size, (i64)0x7fffffff);
   const int blocks_per_page = (int)p.page_size / kBlockN;  // page_size % 64 == 0 here
 
   if (tid == 0) {
@@ -277,7 +283,14 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
   u32 q_phase = 0;  // likewise for Q's mbarrier (Q by TMA): once per request
-  bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
+  // Whether decode_start_pieces ran (params.cuh): a register, or in the stamp builds a word
+  // of shared memory that only the last warp touches (their stamps need the register).
+#if FLASHMLA_SEESAW_CTATIME
+  __shared__ int pieces_started;
+  if (last_warp()) pieces_started = 0;
+#else
+  bool pieces_started = false;
+#endif
 
   // The part's last request position, held across the loop; the stamp builds re-read it
   // per request instead (the register it holds is one their stamps need: a spill).
@@ -289,7 +302,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     const BlockRange blocks = part_blocks(seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
     const int lo = blocks.lo, hi = blocks.hi;
     if (lo >= hi) continue;
-    const int kv_len = (int)min((i64)seqlen, kv_cap);
+    const int kv_len = min(seqlen, kv_cap);
     const QuerySpan span = query_span(p.cu_seqlens_q, req, (int)p.s_q);
     const int req_rows = span.count * hpk;  // this request's query rows per KV head
     if (m_block * 64 >= req_rows) continue;
@@ -365,10 +378,17 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
       cp_async_commit_group();
     }
+#if FLASHMLA_SEESAW_CTATIME
+    if (last_warp() && !pieces_started) {
+      if (p.piece_done) decode_start_pieces(p);
+      pieces_started = 1;
+    }
+#else
     if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
       if (p.piece_done && last_warp()) decode_start_pieces(p);
       pieces_started = true;
     }
+#endif
     if (tid < 64) {  // per-row visible length (end-aligned causal mask)
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
@@ -502,13 +522,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       for (int jj = 0; jj < 4; ++jj)
         stmatrix_x4(rb + ((16 * (2 * jj + hi)) ^ gx), pk[4 * jj], pk[4 * jj + 1], pk[4 * jj + 2], pk[4 * jj + 3]);
     };
-    // A warpgroup's P: exp against m (row sums into l), then the block's rope sub-tile is
-    // refilled (only this warpgroup's S read it), P packed for this warpgroup's RS PV and
-    // stored for the other one's SS PV, made visible to the async proxy, and signalled.
-    auto publish_p = [&](float (&x)[32], const float (&m)[2], float (&l)[2], bool refill, int rope_blk,
-                         int rope_page, int buf, u32 (&pk)[16], u32 pbase, int bar_p) {
+    // A warpgroup's P: exp against m (row sums into l), packed for this warpgroup's RS PV
+    // and stored for the other one's SS PV, made visible to the async proxy, and signalled.
+    auto publish_p = [&](float (&x)[32], const float (&m)[2], float (&l)[2], u32 (&pk)[16], u32 pbase, int bar_p) {
       exp_rows(x, m, l);
-      if (kRope && refill && issuer(0)) load_kv(rope_blk, rope_page, buf, kRopePart);
       pack_p(x, pk);
       store_p(pk, pbase);
       fence_proxy_async_shared();
@@ -661,7 +678,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(1);
         u32 pk[16];
         // P0 against m0: WG1 brings its product to m1 itself
-        publish_p(x, m0, l_run, next0, blk + 2, page2, 0, pk, sp0, kBarP0);
+        publish_p(x, m0, l_run, pk, sp0, kBarP0);
         mark(5);
         if (!steady) zero_v_tail(blk, kv0);
         rescale(o, s0);
@@ -673,6 +690,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mark(3);
         // Refill before the wait on WG1's max, which can take a PV's time
         if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kLeft);
+        if (kRope && next0 && issuer(0)) load_kv(blk + 2, page2, 0, kRopePart);
         if (has1) {
           float s1[2];
           bar_sync(kBarMax1, 256);
@@ -765,7 +783,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           raise_max(mx, s1, s_max1, kBarMax1);  // m_run is m0 here
           mark1(5);
           u32 pk[16];
-          publish_p(x, m_run, l_run, next1, blk + 3, page3, 1, pk, sp1, kBarP1);
+          publish_p(x, m_run, l_run, pk, sp1, kBarP1);
           mark1(6);
           if (!steady) zero_v_tail(blk + 1, kv1);
           // O_R: m0 -> m1, g's product included, so g must land first (rare: the max moved)
@@ -781,6 +799,7 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           wgmma_wait_group<1>();  // g done: kv0 sub-tiles 4-7 and sP0 free
           mark1(8);
           if (next0 && issuer(1)) load_kv(blk + 2, page2, 0, kRight);
+          if (kRope && next1 && issuer(0)) load_kv(blk + 3, page3, 1, kRopePart);
           wgmma_wait_group<0>();  // e done: kv1 sub-tiles 4-7 free
           mark1(9);
           if (next1 && issuer(2)) load_kv(blk + 3, page3, 1, kRight);
