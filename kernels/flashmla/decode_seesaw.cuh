@@ -42,8 +42,8 @@
 // arrive on Max1, synced by WG0); kv1 4-7 after e. The rope sub-tiles are free right after
 // their block's S, but a TMA issue inside the softmax delays that warp's arrive on P, which
 // the other warpgroup waits for: they go out after the PV wait that follows (WG0's after c,
-// WG1's after g), where the warpgroup waits anyway (h128 s_q 2 steps 1-3 % faster back to
-// back, s_q 1 4K 0.7 %; docs/PERF.md v29).
+// WG1's after g), where the warpgroup waits anyway (h128 s_q 2 steps ~3 % faster in single
+// calls and back to back, s_q 1 4K ~0.7 %; docs/PERF.md v29).
 // Page ids are read at the top of the pair, so no TMA issue waits on the block table.
 // (Measured and dropped: an L2 prefetch of the blocks one pair ahead, docs/PERF.md v7, or
 // two pairs ahead, v27: 10-19 % slower. The L2 hint on the loads: see load_kv.)
