@@ -379,6 +379,28 @@ def test_all_empty():
     run_case(3, 1, 16, 1, [0, 0, 0], causal=False)
 
 
+@pytest.mark.parametrize("seesaw", ["1", "0"])
+def test_block_table_reaching_past_int32_tokens(seesaw, monkeypatch):
+    """2^25 + 1 columns of 64-token pages address 2^31 + 64 tokens, past int32: the seesaw
+    kernel clamps that reach to INT_MAX, the cp.async kernel holds it in 64 bits. Both
+    read each sequence's own pages only (the columns past them hold random page ids)."""
+    from flashmla_jit import api, settings
+    monkeypatch.setenv("FLASHMLA_JIT_SEESAW", seesaw)
+    settings.get.cache_clear()
+    api._plans.clear()
+    seqlens = [4097, 1, 300]
+    q, k_cache, block_table, seqlens_t = make_inputs(len(seqlens), 2, 128, 1, seqlens)
+    wide = torch.randint(-2 ** 31, 2 ** 31 - 1, (len(seqlens), 2 ** 25 + 1), dtype=torch.int32, device="cuda")
+    wide[:, :block_table.shape[1]] = block_table  # 400 MB
+    sched, num_splits = get_mla_metadata(seqlens_t, 2 * 128, 1)
+    out, lse = flash_mla_with_kvcache(q, k_cache, wide, seqlens_t, 512, sched, num_splits, causal=True)
+    assert next(iter(api._plans.values())).seesaw == (seesaw == "1")
+    settings.get.cache_clear()
+    api._plans.clear()
+    ref_out, ref_lse = reference(q, k_cache, block_table, seqlens_t, 512, causal=True)
+    assert_close(out, lse, ref_out, ref_lse, f"block table of 2^25 + 1 columns, seesaw={seesaw}")
+
+
 def test_non_default_stream():
     q, k_cache, block_table, seqlens = make_inputs(8, 2, 16, 1, [300, 5000, 64, 0, 1, 2000, 129, 4096])
     stream = torch.cuda.Stream()

@@ -7,8 +7,12 @@ the change under test.
 A config is b,s_k,h_q,s_q[,varlen]: varlen 1 draws normal(s_k, s_k / 2) lengths, as tools/bench.py.
 A variant is "" (as is), space-separated VAR=value settings for flashmla_jit (read again
 per variant; FLASHMLA_JIT_DEFINES compiles a kernel variant), or PEER (FlashMLA from the
-git-ignored .peer/). Prints, per config, each variant's median and best of the rounds, µs,
-and "differs" where its output is not the first variant's (relative error over 1e-2).
+git-ignored .peer/). Each round starts one variant later than the one before: where a
+variant always follows the same one, it runs in that one's heat (v30: at s_q 2 16K one
+build ran 4-9 % slower than the as-is build when it came after it in every round, and 2.5 %
+faster when it came first). Prints, per config, each variant's median and best of the
+rounds, µs, and "differs" where its output is not the first variant's (relative error over
+1e-2).
 """
 import os
 import statistics
@@ -53,7 +57,7 @@ def time_config(b, s_k, h_q, s_q, varlen=0, *, variants, peer):
     times = {v: [] for v in variants}
     reference, differs = None, set()
     for r in range(ROUNDS):
-        for v in variants:
+        for v in variants[r % len(variants):] + variants[:r % len(variants)]:
             if v == "PEER":
                 ps, pn = peer.get_mla_metadata(sl, s_q * h_q, 1)
                 call = lambda: peer.flash_mla_with_kvcache(q, k, bt, sl, 512, ps, pn, causal=True)

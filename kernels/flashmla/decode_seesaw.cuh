@@ -494,12 +494,23 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mx[h] *= scale;
       }
     };
-    // x <- 2^(x scale - m) in place, added to the row sums l.
+    // x <- 2^(x scale - m) in place, added to the row sums l (x[k] is row (k / 2) % 2's).
+    // A row's 16 values are summed as a tree, 4 adds deep: ptxas places these adds between
+    // the next PV's first and second wgmma, where a chain of 16 dependent adds held the
+    // later k-steps back (PERF.md v30).
     auto exp_rows = [&](float (&x)[32], const float (&m)[2], float (&l)[2]) {
 #pragma unroll
-      for (int k = 0; k < 32; ++k) {
-        x[k] = ex2(fmaf(x[k], scale, -m[(k / 2) % 2]));
-        l[(k / 2) % 2] += x[k];
+      for (int k = 0; k < 32; ++k) x[k] = ex2(fmaf(x[k], scale, -m[(k / 2) % 2]));
+#pragma unroll
+      for (int row = 0; row < 2; ++row) {
+        float sum[8];
+#pragma unroll
+        for (int j = 0; j < 8; ++j) sum[j] = x[4 * j + 2 * row] + x[4 * j + 2 * row + 1];
+#pragma unroll
+        for (int width = 4; width >= 1; width /= 2)
+#pragma unroll
+          for (int j = 0; j < width; ++j) sum[j] += sum[j + width];
+        l[row] += sum[0];
       }
     };
     // x packed as RS A fragments: pk[4 kk .. 4 kk + 3] = k-step kk (pk[i] holds row
