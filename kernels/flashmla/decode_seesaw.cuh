@@ -219,6 +219,22 @@ struct SeesawSmem {
   static_assert(64 * kStageRow <= kQ, "the staging area ends before sQ");
 };
 
+// A thread's 32 S values hold 16 of each of its two rows (x[k] is row (k / 2) % 2's).
+// reduce_row combines row `row`'s 16 by `op` as a tree, 4 steps deep. As a chain of 16
+// dependent steps the row max delayed the exponentials, and the row sum, which ptxas places
+// between the next PV's wgmmas, delayed that PV's later k-steps (PERF.md v30).
+template <typename Op>
+__device__ __forceinline__ float reduce_row(const float (&x)[32], int row, Op op) {
+  float v[8];
+#pragma unroll
+  for (int j = 0; j < 8; ++j) v[j] = op(x[4 * j + 2 * row], x[4 * j + 2 * row + 1]);
+#pragma unroll
+  for (int width = 4; width >= 1; width /= 2)
+#pragma unroll
+    for (int j = 0; j < width; ++j) v[j] = op(v[j], v[j + width]);
+  return v[0];
+}
+
 // kKvEvictFirst: KV loads with an L2 evict-first hint, for more than 64 query rows per KV
 // head (spec.KernelSpec.kv_evict_first; load_kv says why).
 // kQTma: Q tiles by TMA through sp.q_latent / sp.q_rope (where a 64-row tile is one box
@@ -470,23 +486,21 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // in one FMA). S is only read, never written: ptxas serializes all wgmma (C7515)
     // when ordinary code redefines an accumulator register that a wgmma may still own.
     auto masked_max = [&](const float (&s)[32], int blk, float (&x)[32], float (&mx)[2], bool steady) {
-      mx[0] = mx[1] = kMaxInit;
       // Blocks every row of the warp sees whole (all but the last one or two) skip the mask.
       if (steady || __all_sync(0xffffffff, (blk + 1) * kBlockN <= min(s_limit[row0], s_limit[row0 + 8]))) {
 #pragma unroll
-        for (int k = 0; k < 32; ++k) {
-          x[k] = s[k];
-          mx[(k / 2) % 2] = fmaxf(mx[(k / 2) % 2], x[k]);
-        }
+        for (int k = 0; k < 32; ++k) x[k] = s[k];
       } else {
         const int limit[2] = {s_limit[row0], s_limit[row0 + 8]};
 #pragma unroll
         for (int k = 0; k < 32; ++k) {
           const int h = (k / 2) % 2, tok = blk * kBlockN + 8 * (k / 4) + 2 * t + (k % 2);
           x[k] = tok < limit[h] ? s[k] : -__int_as_float(0x7f800000);
-          mx[h] = fmaxf(mx[h], x[k]);
         }
       }
+      const auto max = [](float a, float b) { return fmaxf(a, b); };
+#pragma unroll
+      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(kMaxInit, reduce_row(x, h, max));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
@@ -494,24 +508,12 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
         mx[h] *= scale;
       }
     };
-    // x <- 2^(x scale - m) in place, added to the row sums l (x[k] is row (k / 2) % 2's).
-    // A row's 16 values are summed as a tree, 4 adds deep: ptxas places these adds between
-    // the next PV's first and second wgmma, where a chain of 16 dependent adds held the
-    // later k-steps back (PERF.md v30).
+    // x <- 2^(x scale - m) in place, added to the row sums l.
     auto exp_rows = [&](float (&x)[32], const float (&m)[2], float (&l)[2]) {
 #pragma unroll
       for (int k = 0; k < 32; ++k) x[k] = ex2(fmaf(x[k], scale, -m[(k / 2) % 2]));
 #pragma unroll
-      for (int row = 0; row < 2; ++row) {
-        float sum[8];
-#pragma unroll
-        for (int j = 0; j < 8; ++j) sum[j] = x[4 * j + 2 * row] + x[4 * j + 2 * row + 1];
-#pragma unroll
-        for (int width = 4; width >= 1; width /= 2)
-#pragma unroll
-          for (int j = 0; j < width; ++j) sum[j] += sum[j + width];
-        l[row] += sum[0];
-      }
+      for (int h = 0; h < 2; ++h) l[h] += reduce_row(x, h, [](float a, float b) { return a + b; });
     };
     // x packed as RS A fragments: pk[4 kk .. 4 kk + 3] = k-step kk (pk[i] holds row
     // row0 + 8 (i % 2)).
