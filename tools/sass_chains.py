@@ -21,7 +21,6 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-os.environ.setdefault("FLASHMLA_JIT_DISABLE_CACHE", "1")
 
 from flashmla_jit import compiler, spec  # noqa: E402
 
@@ -71,11 +70,11 @@ def longest_chain(run: list) -> list:
     for address, text in run:
         opcode, _, operands = text.partition(" ")
         operands = [o.strip() for o in operands.split(",")]
-        writes = not opcode.startswith(NO_DEST) and operands[0].startswith("R")
-        reads = re.findall(r"\bR\d+\b", " ".join(operands[1:] if writes else operands))
+        dest = None if opcode.startswith(NO_DEST) else re.fullmatch(r"R\d+", operands[0])
+        reads = re.findall(r"\bR\d+\b", " ".join(operands[1:] if dest else operands))
         chain = max((last_write.get(r, []) for r in reads), key=len, default=[]) + [(address, opcode)]
-        if writes:
-            last_write[re.match(r"R\d+", operands[0]).group()] = chain
+        if dest:
+            last_write[dest.group()] = chain
         best = max(best, chain, key=len)
     return best
 
