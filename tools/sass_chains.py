@@ -82,7 +82,7 @@ def longest_chain(run: list) -> list:
 def main():
     name = sys.argv[1] if len(sys.argv) > 1 else "decode.bf16.d576.dv512.m64.seesaw.q_tma.causal"
     top = int(sys.argv[2]) if len(sys.argv) > 2 else 20
-    chains = sorted((longest_chain(run) for run in stretches(instructions(name))), key=len, reverse=True)
+    chains = sorted(filter(None, map(longest_chain, stretches(instructions(name)))), key=len, reverse=True)
     for chain in chains[:top]:
         ops = " ".join(f"{op}x{n}" if n > 1 else op
                        for op, n in ((op, len(list(g))) for op, g in itertools.groupby(op for _, op in chain)))

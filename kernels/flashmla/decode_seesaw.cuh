@@ -498,9 +498,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
           x[k] = tok < limit[h] ? s[k] : -__int_as_float(0x7f800000);
         }
       }
-      const auto max = [](float a, float b) { return fmaxf(a, b); };
+      const auto larger = [](float a, float b) { return fmaxf(a, b); };
 #pragma unroll
-      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(kMaxInit, reduce_row(x, h, max));
+      for (int h = 0; h < 2; ++h) mx[h] = fmaxf(kMaxInit, reduce_row(x, h, larger));
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffff, mx[h], 1));
