@@ -16,7 +16,9 @@ import pytest
 from flashmla_jit import compiler, spec
 
 
-def _cuobjdump():
+def cuobjdump():
+    """cuobjdump's path (on PATH or from pip's nvidia-cuda-cuobjdump), or None; also used
+    by tools/sass_chains.py."""
     found = shutil.which("cuobjdump")
     if found:
         return found
@@ -33,7 +35,7 @@ def _cuobjdump():
 
 
 def sass(cubin: bytes, tmp_path) -> str:
-    tool = _cuobjdump()
+    tool = cuobjdump()
     if tool is None:
         pytest.skip("cuobjdump not installed (pip install nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm)")
     path = tmp_path / "k.cubin"

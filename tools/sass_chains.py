@@ -13,29 +13,19 @@ no uniform registers), and a count of instructions, not cycles: MUFU and loads w
 """
 import itertools
 import os
-import pathlib
 import re
 import subprocess
 import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from flashmla_jit import compiler, spec  # noqa: E402
+from test_kernels import cuobjdump  # noqa: E402
 
 ENDS = ("HGMMA", "BAR", "SYNCS", "WARPGROUP", "BRA", "EXIT", "WARPSYNC", "NANOSLEEP", "RET", "CALL")
 NO_DEST = ("ST", "RED", "ATOM", "UTMA", "UBLKCP", "DEPBAR", "MEMBAR", "FENCE", "CCTL", "NOP", "ISETP", "FSETP")
-
-
-def cuobjdump() -> str:
-    import nvidia
-    for root in nvidia.__path__:
-        for sub in ("cu13/bin", "cuda_cuobjdump/bin"):
-            path = pathlib.Path(root) / sub / "cuobjdump"
-            if path.exists():
-                return str(path)
-    sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
 
 
 def instructions(name: str) -> list:
@@ -43,10 +33,13 @@ def instructions(name: str) -> list:
     kernel = next((s for s in spec.default_specs() if s.name == name), None)
     if kernel is None:
         sys.exit(f"no spec named {name}; names: " + ", ".join(s.name for s in spec.default_specs()))
+    tool = cuobjdump()
+    if tool is None:
+        sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiler.compile_spec(kernel).cubin)
         f.flush()
-        listing = subprocess.run([cuobjdump(), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+        listing = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
     found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", listing)
     return [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", text)) for a, text in found]
 
