@@ -299,20 +299,9 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
   // once per fill, and every fill is waited for by exactly one S of that warpgroup.
   u32 phase = 0;
   u32 q_phase = 0;  // likewise for Q's mbarrier (Q by TMA): once per request
-  // Whether decode_start_pieces ran (params.cuh): a register, or in the stamp builds a word
-  // of shared memory that only the last warp touches (their stamps need the register).
-#if FLASHMLA_SEESAW_CTATIME
-  __shared__ int pieces_started;
-  if (last_warp()) pieces_started = 0;
-#else
-  bool pieces_started = false;
-#endif
-
-  // The part's last request position, held across the loop; the stamp builds re-read it
-  // per request instead (the register it holds is one their stamps need: a spill).
-  auto last_pos = [&]() { return min(rec[2], (int)p.batch - 1); };
-  const int last = last_pos();
-  for (int pos = rec[0]; pos <= (FLASHMLA_SEESAW_CTATIME ? last_pos() : last); ++pos) {
+  bool pieces_started = false;  // decode_start_pieces ran (params.cuh)
+  const int last = min(rec[2], (int)p.batch - 1);  // the part's last request position
+  for (int pos = rec[0]; pos <= last; ++pos) {
     const int req = request_at(p.sched, pos, (int)p.batch, (int)gridDim.z);
     const int seqlen = p.seqlens[req];
     const BlockRange blocks = part_blocks(seqlen, pos, rec[0], rec[1], rec[2], rec[3]);
@@ -394,17 +383,10 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
       load_q_tile<64, kSeesawThreads, kD, kDV>(p, sq, opaque(tid), req, span, req_rows, hpk, m_block, head_kv);
       cp_async_commit_group();
     }
-#if FLASHMLA_SEESAW_CTATIME
-    if (last_warp() && !pieces_started) {
-      if (p.piece_done) decode_start_pieces(p);
-      pieces_started = 1;
-    }
-#else
     if (!pieces_started) {  // the combine kernel's CTAs may be scheduled now
       if (p.piece_done && last_warp()) decode_start_pieces(p);
       pieces_started = true;
     }
-#endif
     if (tid < 64) {  // per-row visible length (end-aligned causal mask)
       const int s_idx = (m_block * 64 + tid) / hpk;
       s_limit[tid] = kCausal ? min(kv_len, seqlen - span.count + 1 + s_idx) : kv_len;
