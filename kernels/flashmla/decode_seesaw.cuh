@@ -351,10 +351,21 @@ __global__ void __launch_bounds__(kSeesawThreads, 1) decode_seesaw_kernel(const 
     // Refills are spread over warps 0-2 of a warpgroup: the next wgmma waits for the
     // slowest warp, so one warp issuing them all delays every batch after a refill.
     auto issuer = [&](int w) { return wtid == 32 * w; };
+    // A request's first two blocks, each part in the order its S waits for them: WG0's S
+    // reads kv0 0-3, 4-7, rope; WG1's reads kv1 rope, 4-7, 0-3 (s1_gemm, the order its
+    // refills come in). In WG0's order kv1's first part landed last, so WG1's first S
+    // began only once the whole block was in (this order: s_q 2 4K 0.5-1.5 % faster back
+    // to back in three runs, the rest within noise; docs/PERF.md v31).
     auto load_block = [&](int blk, int page, int buf) {
-      load_kv(blk, page, buf, kLeft);
-      load_kv(blk, page, buf, kRight);
-      if (kRope) load_kv(blk, page, buf, kRopePart);
+      if (buf == 1) {
+        if (kRope) load_kv(blk, page, buf, kRopePart);
+        load_kv(blk, page, buf, kRight);
+        load_kv(blk, page, buf, kLeft);
+      } else {
+        load_kv(blk, page, buf, kLeft);
+        load_kv(blk, page, buf, kRight);
+        if (kRope) load_kv(blk, page, buf, kRopePart);
+      }
     };
     if constexpr (kQTma) {
       // Q by TMA, issued ahead of the KV so that it is not queued behind every CTA's 147 KB
