@@ -275,6 +275,17 @@ def _with_seesaw_off(fn):
         api._plans.clear()
 
 
+def host_us(fn, calls=300):
+    """Host time per call of fn, us, with the GPU kept busy so that launches only queue."""
+    torch.cuda._sleep(int(5e8))  # ~0.3 s of GPU time ahead of the calls (300 calls need ~15 ms)
+    t = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = (time.perf_counter() - t) / calls * 1e6
+    torch.cuda.synchronize()
+    return elapsed
+
+
 def jit_timings():
     """Cold compile of one variant, warm-cache first call in a new process, host overhead."""
     probe = (
@@ -303,15 +314,6 @@ def jit_timings():
     plan = api._plans[api._torch_signature(arrays, (512, None, False, None, None))]  # made by the call above
     ptrs = [x.data_ptr() if x is not None else 0 for x in arrays]
     _, _, scratch, launches = plan.prepare(ptrs, q, None, None, torch.cuda.current_stream().cuda_stream)
-
-    def host_us(fn, calls=300):
-        torch.cuda._sleep(int(5e8))  # ~0.3 s of GPU time ahead of the calls (300 calls need ~15 ms)
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        elapsed = (time.perf_counter() - t) / calls * 1e6
-        torch.cuda.synchronize()
-        return elapsed
 
     def raw():
         driver.launch_all(plan.device, launches)

@@ -7,7 +7,6 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
@@ -15,24 +14,12 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import torch  # noqa: E402
 from mla_reference import make_inputs  # noqa: E402
 
+from bench import host_us  # noqa: E402  (tools/, this script's directory)
 from flashmla_jit import api, driver, flash_mla_with_kvcache, get_mla_metadata  # noqa: E402
 
 q, k, bt, sl = make_inputs(4, 1, 16, 1, [64] * 4)
 sched, splits = get_mla_metadata(sl, 16, 1)
 out, lse = flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits)
-
-
-def host_us(fn, calls=300):
-    """Per-call host time of fn, the best of 5 rounds, with the GPU busy so launches only queue."""
-    best = float("inf")
-    for _ in range(5):
-        torch.cuda._sleep(int(5e8))
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls * 1e6)
-        torch.cuda.synchronize()
-    return best
 
 
 def steps():
@@ -65,8 +52,8 @@ def steps():
         ("whole call, out= and lse= given", lambda: flash_mla_with_kvcache(q, k, bt, sl, 512, sched, splits,
                                                                          out=out, lse=lse)),
     ]
-    for name, fn in rows:
-        print(f"{host_us(fn):7.2f} us  {name}")
+    for name, fn in rows:  # each the best of 5 rounds, as tools/bench.py times the host
+        print(f"{min(host_us(fn) for _ in range(5)):7.2f} us  {name}")
 
 
 def profile():
