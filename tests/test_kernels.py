@@ -17,8 +17,8 @@ from flashmla_jit import compiler, spec
 
 
 def cuobjdump():
-    """cuobjdump's path (on PATH or from pip's nvidia-cuda-cuobjdump), or None; also used
-    by tools/sass_chains.py."""
+    """cuobjdump's path (on PATH or from pip's nvidia-cuda-cuobjdump), or None; this and
+    sass() are also used by tools/sass_chains.py."""
     found = shutil.which("cuobjdump")
     if found:
         return found

@@ -13,8 +13,8 @@ no uniform registers), and a count of instructions, not cycles: MUFU and loads w
 """
 import itertools
 import os
+import pathlib
 import re
-import subprocess
 import sys
 import tempfile
 
@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 from flashmla_jit import compiler, spec  # noqa: E402
-from test_kernels import cuobjdump  # noqa: E402
+from test_kernels import cuobjdump, sass  # noqa: E402
 
 ENDS = ("HGMMA", "BAR", "SYNCS", "WARPGROUP", "BRA", "EXIT", "WARPSYNC", "NANOSLEEP", "RET", "CALL")
 NO_DEST = ("ST", "RED", "ATOM", "UTMA", "UBLKCP", "DEPBAR", "MEMBAR", "FENCE", "CCTL", "NOP", "ISETP", "FSETP")
@@ -36,10 +36,8 @@ def instructions(name: str) -> list:
     tool = cuobjdump()
     if tool is None:
         sys.exit("cuobjdump not found: pip install nvidia-cuda-cuobjdump")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiler.compile_spec(kernel).cubin)
-        f.flush()
-        listing = subprocess.run([tool, "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory() as folder:
+        listing = sass(compiler.compile_spec(kernel).cubin, pathlib.Path(folder))
     found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", listing)
     return [(int(a, 16), re.sub(r"^@!?U?P\w+\s+", "", text)) for a, text in found]
 
